@@ -1,0 +1,199 @@
+"""Orbax checkpoints for every jaxdeblur training loop.
+
+One checkpoint step holds three items:
+
+* ``state``: the train state pytree (parameters, optimiser state, step, PRNG key, ...);
+* ``data``: the input pipeline's iterator state as JSON, so that a resumed run sees exactly
+  the batches an uninterrupted run would have seen;
+* ``meta``: a JSON dict with the run's configuration fingerprint, checked on restore so that
+  a checkpoint written by another configuration is refused with a clear message instead of
+  being half-loaded.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a run
+killed mid-save (SIGKILL, pre-emption) leaves the previous step intact; a step that is
+present but unreadable is reported, and ``restore`` falls back to the newest readable one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import pathlib
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint exists but cannot be used (corrupt, or from another configuration)."""
+
+
+class Restored(NamedTuple):
+    """What `CheckpointManager.restore` returns."""
+
+    step: int
+    state: Any
+    data_state: Any
+
+
+def config_fingerprint(config: Any) -> str:
+    """A stable hash of the fields that decide parameter shapes.
+
+    Args:
+      config: an ``ml_collections.ConfigDict``, a dict, or anything JSON-serialisable.
+
+    Returns:
+      A 16-character hex digest of the canonical JSON of ``config``.
+    """
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _shape_summary(tree: Any) -> dict[str, list[int]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): list(np.shape(leaf)) for path, leaf in leaves}
+
+
+class CheckpointManager:
+    """Saves and restores (train state, data-iterator state) under ``<workdir>/checkpoints``.
+
+    Args:
+      workdir: the run directory; checkpoints go to ``workdir/checkpoints``.
+      model_config: the part of the configuration that decides parameter shapes (for
+        example ``config.model``). Its fingerprint is stored and checked on restore.
+      max_to_keep: how many recent steps to keep on disk.
+      async_save: write in a background thread (the train loop continues meanwhile).
+
+    Example::
+
+      ckpt = CheckpointManager(workdir, model_config=config.model)
+      restored = ckpt.restore(state)          # None on a fresh run
+      if restored: state, data_state = restored.state, restored.data_state
+      ...
+      ckpt.save(step, state, data_state=it.get_state())
+      ckpt.close()
+    """
+
+    def __init__(self, workdir: str | pathlib.Path, *, model_config: Any = None,
+                 max_to_keep: int = 3, async_save: bool = True):
+        self.directory = pathlib.Path(workdir).resolve() / "checkpoints"
+        self._meta = {
+            "model_fingerprint": config_fingerprint(model_config) if model_config is not None else None,
+            "model_config": (model_config.to_dict() if hasattr(model_config, "to_dict") else model_config),
+        }
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        except OSError as err:
+            raise CheckpointError(
+                f"cannot create the checkpoint directory {self.directory}: {err}. "
+                "Choose a writable --workdir.") from err
+
+    @property
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, *, data_state: Any = None, force: bool = False) -> bool:
+        """Saves ``state`` (and the iterator state) as step ``step``; returns whether it saved."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave({"iterator": data_state}),
+            meta=ocp.args.JsonSave(self._meta),
+        )
+        return self._manager.save(int(step), args=args, force=force)
+
+    def wait(self) -> None:
+        """Blocks until a background save has reached the disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def _check_meta(self, step: int, meta: dict) -> None:
+        ours, theirs = self._meta["model_fingerprint"], meta.get("model_fingerprint")
+        if ours is not None and theirs is not None and ours != theirs:
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} was written by another model "
+                f"configuration:\n  checkpoint: {json.dumps(meta.get('model_config'), sort_keys=True)}\n"
+                f"  this run:   {json.dumps(self._meta['model_config'], sort_keys=True)}\n"
+                "Use the configuration it was trained with, or a new --workdir to start afresh.")
+
+    def restore(self, target: Any, *, step: int | None = None) -> Restored | None:
+        """Restores the newest readable step (or ``step``) into the structure of ``target``.
+
+        Args:
+          target: a pytree with the shapes, dtypes and shardings to restore into (typically
+            the freshly initialised train state); its arrays are not used.
+          step: a specific step; by default the newest one that reads back.
+
+        Returns:
+          ``Restored(step, state, data_state)``, or None when there is no checkpoint yet.
+
+        Raises:
+          CheckpointError: the checkpoint comes from another configuration (shapes or
+            fingerprint differ), or no saved step can be read.
+        """
+        steps = [step] if step is not None else sorted(self._manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        errors = []
+        for candidate in steps:
+            try:
+                meta = self._manager.restore(
+                    candidate, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            except Exception as err:  # noqa: BLE001 - orbax raises many types for bad files
+                errors.append(f"step {candidate}: unreadable metadata ({type(err).__name__}: {err})")
+                log.warning("checkpoint step %s is unreadable, trying an older one: %s", candidate, err)
+                continue
+            self._check_meta(candidate, meta or {})
+            try:
+                restored = self._manager.restore(candidate, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+            except (ValueError, KeyError, TypeError) as err:
+                if _looks_like_mismatch(err):
+                    raise CheckpointError(
+                        f"checkpoint {self.directory / str(candidate)} does not fit this model "
+                        f"({err}). It was probably written by another configuration; use that "
+                        "configuration or a new --workdir.") from err
+                errors.append(f"step {candidate}: {type(err).__name__}: {err}")
+                log.warning("checkpoint step %s is unreadable, trying an older one: %s", candidate, err)
+                continue
+            except Exception as err:  # noqa: BLE001
+                errors.append(f"step {candidate}: {type(err).__name__}: {err}")
+                log.warning("checkpoint step %s is unreadable, trying an older one: %s", candidate, err)
+                continue
+            _check_shapes(target, restored["state"], self.directory / str(candidate))
+            data = restored["data"] or {}
+            return Restored(int(candidate), restored["state"], data.get("iterator"))
+        raise CheckpointError(
+            f"no checkpoint under {self.directory} could be read:\n  " + "\n  ".join(errors) +
+            "\nDelete the corrupt step directories, or start afresh with a new --workdir.")
+
+
+def _looks_like_mismatch(err: Exception) -> bool:
+    text = str(err).lower()
+    return any(word in text for word in ("shape", "structure", "mismatch", "not match", "missing"))
+
+
+def _check_shapes(target: Any, restored: Any, where: pathlib.Path) -> None:
+    want, got = _shape_summary(target), _shape_summary(restored)
+    if want != got:
+        diff = [k for k in set(want) | set(got) if want.get(k) != got.get(k)]
+        raise CheckpointError(
+            f"checkpoint {where} does not fit this model: {len(diff)} arrays differ, e.g. "
+            + ", ".join(f"{k}: checkpoint {got.get(k)} vs model {want.get(k)}" for k in sorted(diff)[:5])
+            + ". Use the configuration it was trained with, or a new --workdir.")

@@ -1,0 +1,21 @@
+"""Shared test helpers: locating the parity fixtures of the authors' code."""
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES_DIR = pathlib.Path(
+    os.environ.get("JAXDEBLUR_FIXTURES", _REPO.parent / "shared" / "fixtures"))
+
+
+def load_fixture(name: str) -> dict:
+    """Loads `shared/fixtures/<name>` as a dict of arrays, or skips the test with a reason."""
+    path = FIXTURES_DIR / name
+    if not path.exists():
+        pytest.skip(f"parity fixture {path} is absent (it lives in ../shared/fixtures beside "
+                    "the repository; set JAXDEBLUR_FIXTURES to point elsewhere)")
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}

@@ -1,0 +1,157 @@
+"""Tests for jaxdeblur.train: checkpoints, metric logging, mesh helpers."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdeblur.train import checkpoint, logging as metric_logging, mesh
+
+
+def _state(width=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"params": {"w": jnp.asarray(rng.normal(size=(3, width)), jnp.float32),
+                       "b": jnp.zeros((width,), jnp.float32)},
+            "step": jnp.asarray(seed, jnp.int32)}
+
+
+def test_save_restore_round_trip_with_data_state(tmp_path):
+    ckpt = checkpoint.CheckpointManager(tmp_path, model_config={"width": 4}, async_save=False)
+    assert ckpt.restore(_state()) is None
+    ckpt.save(5, _state(seed=5), data_state={"next_index": 40, "seed": 1})
+    ckpt.save(9, _state(seed=9), data_state={"next_index": 72, "seed": 1})
+    ckpt.close()
+
+    again = checkpoint.CheckpointManager(tmp_path, model_config={"width": 4})
+    restored = again.restore(_state())
+    assert restored.step == 9
+    assert restored.data_state == {"next_index": 72, "seed": 1}
+    np.testing.assert_array_equal(restored.state["params"]["w"], _state(seed=9)["params"]["w"])
+    assert int(restored.state["step"]) == 9
+    older = again.restore(_state(), step=5)
+    assert older.data_state["next_index"] == 40
+    again.close()
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path):
+    ckpt = checkpoint.CheckpointManager(tmp_path, model_config={"width": 4}, async_save=False)
+    ckpt.save(1, _state())
+    ckpt.close()
+    other = checkpoint.CheckpointManager(tmp_path, model_config={"width": 8})
+    with pytest.raises(checkpoint.CheckpointError, match="another model configuration"):
+        other.restore(_state(width=8))
+
+
+def test_checkpoint_with_other_shapes_is_refused_without_fingerprint(tmp_path):
+    ckpt = checkpoint.CheckpointManager(tmp_path, async_save=False)
+    ckpt.save(1, _state(width=4))
+    ckpt.close()
+    other = checkpoint.CheckpointManager(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match="does not fit this model"):
+        other.restore(_state(width=8))
+
+
+def test_corrupt_latest_step_falls_back_to_older_one(tmp_path):
+    ckpt = checkpoint.CheckpointManager(tmp_path, model_config={"width": 4}, async_save=False)
+    ckpt.save(1, _state(seed=1), data_state={"i": 1})
+    ckpt.save(2, _state(seed=2), data_state={"i": 2})
+    ckpt.close()
+    step_dir = tmp_path / "checkpoints" / "2"
+    for path in step_dir.rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    again = checkpoint.CheckpointManager(tmp_path, model_config={"width": 4})
+    restored = again.restore(_state())
+    assert restored.step == 1 and restored.data_state == {"i": 1}
+
+
+def test_all_steps_corrupt_raises_clear_error(tmp_path):
+    ckpt = checkpoint.CheckpointManager(tmp_path, model_config={"width": 4}, async_save=False)
+    ckpt.save(3, _state())
+    ckpt.close()
+    for path in (tmp_path / "checkpoints" / "3").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    again = checkpoint.CheckpointManager(tmp_path, model_config={"width": 4})
+    with pytest.raises(checkpoint.CheckpointError, match="could be read"):
+        again.restore(_state())
+
+
+def test_config_fingerprint_is_order_independent():
+    assert checkpoint.config_fingerprint({"a": 1, "b": [1, 2]}) == \
+        checkpoint.config_fingerprint({"b": [1, 2], "a": 1})
+    assert checkpoint.config_fingerprint({"a": 1}) != checkpoint.config_fingerprint({"a": 2})
+
+
+def test_metric_writer_truncates_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with metric_logging.MetricWriter(path) as writer:
+        for step in range(1, 6):
+            writer.write(step, {"loss": jnp.float32(1.0 / step), "psnr": np.float64(20 + step)})
+    with open(path, "a") as f:
+        f.write('{"step": 6, "loss"')  # a line torn by a kill
+    lines = metric_logging.read_metrics(path)
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5]
+    assert lines[1]["loss"] == pytest.approx(0.5)
+    with metric_logging.MetricWriter(path, resume_step=3) as writer:
+        writer.write(4, {"loss": 0.3})
+    assert [line["step"] for line in metric_logging.read_metrics(path)] == [1, 2, 3, 4]
+    assert metric_logging.read_metrics(path)[-1]["loss"] == pytest.approx(0.3)
+
+
+def test_metric_writer_records_nan_as_string(tmp_path):
+    with metric_logging.MetricWriter(tmp_path / "m.jsonl") as writer:
+        line = writer.write(1, {"loss": float("nan")})
+    assert line["loss"] == "nan"
+    json.loads((tmp_path / "m.jsonl").read_text())
+
+
+def test_shard_batch_single_device_and_bad_batch():
+    m = mesh.make_mesh()
+    batch = {"x": np.ones((2 * jax.device_count(), 3), np.float32)}
+    sharded = mesh.shard_batch(batch, m)
+    assert sharded["x"].shape == batch["x"].shape
+    assert mesh.check_global_batch(4 * jax.device_count(), m) == 4 * jax.device_count()
+
+
+_MULTI_DEVICE = textwrap.dedent("""
+    import jax, numpy as np, jax.numpy as jnp
+    from jaxdeblur.train import mesh
+    info = mesh.initialize_distributed(tpu=True)
+    assert info["device_count"] == 8, info
+    m = mesh.make_mesh()
+    x = mesh.shard_batch(np.arange(16 * 3, dtype=np.float32).reshape(16, 3), m)
+    assert len(x.sharding.device_set) == 8
+    assert x.addressable_shards[0].data.shape == (2, 3)
+    w = mesh.replicate(jnp.ones((3,)), m)
+    total = jax.jit(lambda x, w: jnp.sum(x * w))(x, w)
+    assert float(total) == float(np.arange(48).sum())
+    try:
+        mesh.check_global_batch(12, m)
+    except ValueError as err:
+        assert "not divisible" in str(err)
+    else:
+        raise AssertionError("batch 12 over 8 devices was accepted")
+    try:
+        mesh.shard_batch(np.zeros((6, 2)), m)
+    except ValueError as err:
+        assert "multiple of the device count" in str(err)
+    else:
+        raise AssertionError("batch 6 over 8 devices was accepted")
+    print("OK")
+""")
+
+
+def test_mesh_on_eight_forced_cpu_devices():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", _MULTI_DEVICE], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK" in out.stdout
