@@ -33,17 +33,18 @@ def gelu(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=False)
 
 
-def conv(features: int, kernel: int, *, stride: int = 1, groups: int = 1, use_bias: bool = True,
-         name: Optional[str] = None) -> nn.Conv:
-    """A PyTorch-style ``Conv2d``: square kernel, padding ``kernel // 2`` for stride 1.
+def conv(features: int, kernel: int, *, stride: int = 1, padding: Optional[int] = None,
+         groups: int = 1, use_bias: bool = True, name: Optional[str] = None,
+         kernel_init=nn.initializers.lecun_normal()) -> nn.Conv:
+    """A PyTorch-style ``Conv2d`` with a square kernel and symmetric zero padding.
 
-    Strided convolutions (NAFNet's 2x2 stride-2 down-sampling) use no padding, like
-    ``nn.Conv2d(c, 2c, 2, 2)``.
+    ``padding`` defaults to ``kernel // 2`` for stride 1 ('same') and to 0 for strided
+    convolutions (NAFNet's 2x2 stride-2 down-sampling, ``nn.Conv2d(c, 2c, 2, 2)``).
     """
-    pad = kernel // 2 if stride == 1 else 0
+    pad = padding if padding is not None else (kernel // 2 if stride == 1 else 0)
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((pad, pad), (pad, pad)), feature_group_count=groups,
-                   use_bias=use_bias, name=name)
+                   use_bias=use_bias, name=name, kernel_init=kernel_init)
 
 
 class LayerNorm2d(nn.Module):

@@ -20,6 +20,7 @@ References:
     Maximization", CVPR 2023, Sec. 4 (image net 5 levels x 64, kernel net [32, 32, 64, 64]).
 """
 
+import functools
 import math
 from typing import Sequence
 
@@ -113,17 +114,22 @@ class SkipNet(nn.Module):
             raise ValueError(f"SkipNet needs skip_features >= 1 and at least one level, got "
                              f"skip_features={self.skip_features}, features={self.features}")
         act = lambda x: _norm_act(x, self.norm, self.num_groups, self.negative_slope)
+        # A bias before a normalisation only shifts what the normalisation removes: its
+        # gradient is ~0, and a Langevin sampler preconditioned by 1/sqrt(E[g^2]) would
+        # inject unbounded noise into it. Normalised convolutions therefore have no bias.
+        bias = self.norm == "none"
+        conv = functools.partial(nn.Conv, use_bias=bias)
         x = z[None]  # GroupNorm reduces over all but the leading axis: keep a unit batch.
         skips = []
         for feat in self.features:
-            skips.append(act(nn.Conv(self.skip_features, (1, 1))(x)))
-            x = act(nn.Conv(feat, (3, 3), strides=(2, 2), padding="SAME")(x))
-            x = act(nn.Conv(feat, (3, 3), padding="SAME")(x))
+            skips.append(act(conv(self.skip_features, (1, 1))(x)))
+            x = act(conv(feat, (3, 3), strides=(2, 2), padding="SAME")(x))
+            x = act(conv(feat, (3, 3), padding="SAME")(x))
         for feat, skip in zip(reversed(self.features), reversed(skips)):
             x = jax.image.resize(x, skip.shape[:3] + (x.shape[-1],), method="bilinear")
             x = jnp.concatenate([x, skip], axis=-1)
-            x = act(nn.Conv(feat, (3, 3), padding="SAME")(x))
-            x = act(nn.Conv(feat, (1, 1))(x))
+            x = act(conv(feat, (3, 3), padding="SAME")(x))
+            x = act(conv(feat, (1, 1))(x))
         init = nn.initializers.zeros if self.zero_init_head else nn.linear.default_kernel_init
         x = nn.Conv(self.out_channels, (1, 1), kernel_init=init)(x)
         return x[0]

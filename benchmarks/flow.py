@@ -1,0 +1,287 @@
+"""Throughput of the kernel flow prior: jaxdeblur (jit) vs the official PyTorch KernelPrior.
+
+Measures kernels per second through ``latent_to_kernel`` (latent -> kernel, eval mode, the
+direction UFPNet uses for every pixel) and ``log_prob`` (kernel -> log-density, eval mode)
+at one batch size, on the CPU, with the official pretrained weights loaded into both. The
+PyTorch side is the official architecture (``Flow_arch.KernelPrior``) rebuilt here from
+its formulas (shared/fixtures/README.md) and loaded strictly with the same state dict. The
+first call of each function (JAX compilation, PyTorch warm-up) is excluded.
+
+Usage::
+
+  python benchmarks/flow.py [--batch 65536] [--repeats 3] [--weights PATH|ours]
+
+PATH defaults to ``../shared/fixtures/flow_motion.npz`` (the official checkpoint).
+
+With ``--compare`` it instead compares the quality of two priors (ours, shipped in
+``jaxdeblur/assets``, and the official one given by ``--weights``): the mean eval-mode
+negative log-likelihood (nats per kernel, logit space, the training objective) on the
+held-out kernels of ``train_scripts/configs/flow_prior.py`` (same kernels, same
+dequantisation noise for both), the sums of their samples, and a side-by-side PNG of
+samples from the same latents::
+
+  python benchmarks/flow.py --compare [--png docs/flow_samples.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from jaxdeblur import convert, flow  # noqa: E402
+
+_DEFAULT_WEIGHTS = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+                    / "flow_motion.npz")
+
+
+def torch_kernel_prior(state_dict: dict, n_blocks: int, hidden_size: int, n_hidden: int,
+                       kernel_size: int):
+    """The official ``KernelPrior`` (RealNVP, FKP) in PyTorch, loaded strictly."""
+    import torch
+    from torch import nn
+
+    class Coupling(nn.Module):
+        def __init__(self, d, h, mask):
+            super().__init__()
+            self.register_buffer("mask", mask)
+
+            def mlp(act):
+                layers = [nn.Linear(d, h)]
+                for _ in range(n_hidden):
+                    layers += [act(), nn.Linear(h, h)]
+                return nn.Sequential(*layers, act(), nn.Linear(h, d))
+
+            self.s_net, self.t_net = mlp(nn.Tanh), mlp(nn.ReLU)
+
+        def forward(self, x):  # data -> latent
+            mx = x * self.mask
+            s, t = self.s_net(mx), self.t_net(mx)
+            return mx + (1 - self.mask) * (x - t) * torch.exp(-s), -(1 - self.mask) * s
+
+        def inverse(self, u):
+            mu = u * self.mask
+            s, t = self.s_net(mu), self.t_net(mu)
+            return mu + (1 - self.mask) * (u * s.exp() + t), (1 - self.mask) * s
+
+    class BatchNorm(nn.Module):
+        def __init__(self, d, eps=1e-5):
+            super().__init__()
+            self.eps = eps
+            self.log_gamma = nn.Parameter(torch.zeros(d))
+            self.beta = nn.Parameter(torch.zeros(d))
+            self.register_buffer("running_mean", torch.zeros(d))
+            self.register_buffer("running_var", torch.ones(d))
+
+        def forward(self, x):  # eval mode only
+            x_hat = (x - self.running_mean) / torch.sqrt(self.running_var + self.eps)
+            y = self.log_gamma.exp() * x_hat + self.beta
+            ld = self.log_gamma - 0.5 * torch.log(self.running_var + self.eps)
+            return y, ld.expand_as(x)
+
+        def inverse(self, y):
+            x_hat = (y - self.beta) * torch.exp(-self.log_gamma)
+            x = x_hat * torch.sqrt(self.running_var + self.eps) + self.running_mean
+            ld = 0.5 * torch.log(self.running_var + self.eps) - self.log_gamma
+            return x, ld.expand_as(x)
+
+    class KernelPrior(nn.Module):
+        def __init__(self):
+            super().__init__()
+            d = kernel_size**2
+            for name, value in (("kernel_size", [float(kernel_size)]), ("alpha", [1e-6]),
+                                ("normalization", [1.0])):
+                self.register_buffer(name, torch.tensor(value))
+            self.register_buffer("base_dist_mean", torch.zeros(d))
+            self.register_buffer("base_dist_var", torch.ones(d))
+            mask = torch.arange(d).float() % 2
+            layers = []
+            for _ in range(n_blocks):
+                layers += [Coupling(d, hidden_size, mask), BatchNorm(d)]
+                mask = 1 - mask
+            self.net = nn.ModuleList(layers)
+
+        def forward(self, x):
+            total = 0
+            for layer in self.net:
+                x, ld = layer(x)
+                total = total + ld
+            return x, total.sum(1)
+
+        def inverse(self, u):
+            total = 0
+            for layer in reversed(self.net):
+                u, ld = layer.inverse(u)
+                total = total + ld
+            return u, total.sum(1)
+
+        def post_process(self, x):
+            k = x.view(-1, 1, kernel_size, kernel_size)
+            return (torch.sigmoid(k) - self.alpha) / (1 - 2 * self.alpha) * self.normalization
+
+        def pre_process(self, k):
+            k = k.reshape(k.shape[0], -1) / self.normalization
+            k = self.alpha + (1 - 2 * self.alpha) * k
+            return torch.log(k) - torch.log1p(-k)
+
+        def log_prob(self, x):
+            u, log_det = self.forward(x)
+            base = torch.distributions.Normal(self.base_dist_mean, self.base_dist_var)
+            return base.log_prob(u).sum(1) + log_det, u
+
+    model = KernelPrior()
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()},
+                          strict=True)
+    return model.eval()
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up / compilation
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _load_by_path(name: str, path: pathlib.Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compare_priors(official_weights: str, ours: str, png: str, n_samples: int = 36) -> None:
+    """Held-out NLL and samples of our prior vs the official one (see module docstring)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    train = _load_by_path("flow_prior_train", root / "train_scripts" / "flow_prior.py")
+    config = _load_by_path("flow_prior_config",
+                           root / "train_scripts" / "configs" / "flow_prior.py").get_config()
+    priors = {"ours": flow.load_pretrained() if ours == "ours" else flow.load_flow(ours),
+              "official": flow.load_pretrained(official_weights)}
+    x_eval = train.held_out_set(priors["ours"][0], config)
+    z = jax.random.normal(jax.random.key(config.sample_seed), (n_samples, x_eval.shape[1]))
+    print(f"# held-out NLL: {config.num_eval_kernels} kernels of jaxdeblur.kernels."
+          f"motion_kernel (eval_seed {config.eval_seed}), dequantised, logit space, "
+          "eval mode; nats per kernel (lower is better)")
+    print(f"{'prior':<10} {'mean NLL':>10} {'median':>10} {'sample sum mean +- std':>24}")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6.4))
+    for ax, (name, (module, variables)) in zip(axes, priors.items()):
+        lp = jax.jit(lambda v, x, m=module: m.apply(v, x, method="flow_log_prob"))(
+            variables, x_eval)
+        samples = np.asarray(jax.jit(lambda v, z, m=module: m.apply(
+            v, z, method="latent_to_kernel"))(variables, z))
+        sums = samples.sum((1, 2))
+        print(f"{name:<10} {float(-lp.mean()):>10.2f} {float(-jnp.median(lp)):>10.2f} "
+              f"{sums.mean():>15.2f} +- {sums.std():.2f}")
+        cols = int(np.ceil(np.sqrt(n_samples)))
+        k = module.kernel_size
+        canvas = np.ones((cols * (k + 1) - 1, cols * (k + 1) - 1))
+        for i, kernel in enumerate(samples):
+            r, c = divmod(i, cols)
+            canvas[r * (k + 1):r * (k + 1) + k, c * (k + 1):c * (k + 1) + k] = \
+                kernel / max(kernel.max(), 1e-8)
+        ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"{name}: held-out NLL {float(-lp.mean()):.1f}")
+        ax.axis("off")
+    fig.suptitle("Samples from the same latents z ~ N(0, I) (each kernel scaled to its max)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    print(f"wrote {png}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=65536)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--weights", default=str(_DEFAULT_WEIGHTS),
+                        help="official checkpoint (.npz/.pt) or 'ours'")
+    parser.add_argument("--compare", action="store_true",
+                        help="compare the held-out NLL and samples of two priors instead")
+    parser.add_argument("--ours", default="ours",
+                        help="with --compare: 'ours' (shipped) or a save_flow path prefix")
+    parser.add_argument("--png", default="docs/flow_samples.png")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for both frameworks (1 gives stable figures on a "
+                             "shared machine; 0 leaves both at their defaults)")
+    parser.add_argument("--torch-denormals", action="store_true",
+                        help="leave PyTorch's denormal handling on (slow; see the code)")
+    args = parser.parse_args()
+    if args.threads:
+        # Read when the JAX backend starts (the first computation), not at import.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_"
+                                   f"eigen={'true' if args.threads > 1 else 'false'} "
+                                   f"intra_op_parallelism_threads={args.threads}")
+    if args.compare:
+        compare_priors(args.weights, args.ours, args.png)
+        return
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # XLA:CPU flushes denormals to zero; without the same mode the PyTorch flow (whose
+    # near-zero kernel logits produce denormal intermediates) runs about 10x slower.
+    torch.set_flush_denormal(not args.torch_denormals)
+    module, variables = flow.load_pretrained(args.weights)
+    state_dict = convert.flow_state_dict_from_variables(variables, alpha=module.alpha)
+    reference = torch_kernel_prior(state_dict, module.n_blocks, module.hidden_size,
+                                   module.n_hidden, module.kernel_size)
+
+    z = jax.random.normal(jax.random.key(0), (args.batch, module.features))
+    to_kernel = jax.jit(lambda v, z: module.apply(v, z, method="latent_to_kernel"))
+    log_prob = jax.jit(lambda v, k: module.apply(v, k, method="log_prob"))
+    kernels = to_kernel(variables, z).block_until_ready()
+    z_t = torch.from_numpy(np.asarray(z))
+    k_t = torch.from_numpy(np.asarray(kernels))
+
+    with torch.no_grad():
+        def torch_to_kernel():
+            return reference.post_process(reference.inverse(z_t)[0])
+
+        def torch_log_prob():
+            return reference.log_prob(reference.pre_process(k_t))[0]
+
+        diff_k = float(np.abs(torch_to_kernel().numpy()[:, 0] - np.asarray(kernels)).max())
+        lp_jax = np.asarray(log_prob(variables, kernels))
+        lp_torch = torch_log_prob().numpy()
+        finite = np.isfinite(lp_jax) & np.isfinite(lp_torch)
+        diff_lp = float(np.abs(lp_jax[finite] - lp_torch[finite]).max())
+
+        rows = []
+        for name, jax_fn, torch_fn, diff in (
+                ("latent_to_kernel", lambda: to_kernel(variables, z).block_until_ready(),
+                 torch_to_kernel, diff_k),
+                ("log_prob", lambda: log_prob(variables, kernels).block_until_ready(),
+                 torch_log_prob, diff_lp)):
+            t_jax, t_torch = _time(jax_fn, args.repeats), _time(torch_fn, args.repeats)
+            rows.append((name, args.batch / t_jax, args.batch / t_torch, t_torch / t_jax, diff))
+
+    print(f"# flow prior throughput, batch {args.batch}, CPU ({os.cpu_count()} cores visible, "
+          f"jax {jax.__version__} / torch {torch.__version__}, {torch.get_num_threads()} torch "
+          f"threads, denormals {'kept' if args.torch_denormals else 'flushed'}), median of "
+          f"{args.repeats} after warm-up, weights: {args.weights}")
+    print(f"{'function':<18} {'jaxdeblur kern/s':>17} {'PyTorch kern/s':>15} {'speed-up':>9} "
+          f"{'max |jax - torch|':>18}")
+    for name, ours, theirs, speedup, diff in rows:
+        print(f"{name:<18} {ours:>17,.0f} {theirs:>15,.0f} {speedup:>8.2f}x {diff:>18.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,692 @@
+"""Deep EM: Monte Carlo EM blind deblurring with Langevin E-steps (Li et al., CVPR 2023).
+
+Unknowns are re-parametrised by two deep-image-prior networks with fixed noise inputs:
+the image ``x = T_f(theta_f, z)`` (`jaxdeblur.nets.unet.DIPImageNet`) and the per-cell
+kernels ``K = T_K(theta_K, z~)`` (`jaxdeblur.nets.unet.KernelNet`). The blur is the
+mask-first efficient filter flow ``y = sum_r k_r * (w_r . x)`` (`jaxdeblur.blur`).
+
+* Likelihood: ``log p(g | theta_f; theta_K) = -||g - crop(B_K x)||^2 / (2 sigma^2)``; the
+  latent image is ``k - 1`` pixels larger than ``g`` and the reblurred image is cropped to
+  its centre (as SelfDeblur does), so the zero canvas of the filter flow never meets the
+  observation's border.
+* Prior on the image network: ``log p(theta_f) = -(weight_decay / 2) ||theta_f||^2``.
+* E-step: samples ``theta_f^i ~ p(theta_f | g; theta_K)`` by (preconditioned) stochastic
+  gradient Langevin dynamics; the chain continues from one EM iteration to the next, and
+  after ``burn_in`` steps the image samples are folded into a running mean and variance
+  (Welford) instead of being stored.
+* M-step: Adam on ``theta_K`` maximising ``Q = (1/n) sum_i log p(g | theta_f^i; theta_K)``.
+  Because the blur is linear, ``(1/n) sum_i ||g - B x_i||^2 = ||g - B xbar||^2 +
+  (1/n) sum_i ||B (x_i - xbar)||^2``; the second term is evaluated under a per-pixel
+  (diagonal) covariance as ``sum_p (B_{K^2} var)(p)`` — exact for the uniform model when
+  the samples' pixels are uncorrelated, an approximation otherwise
+  (``config.m_step_variance_term``).
+* Warm-up: the first ``warmup_iterations`` use one kernel for every cell (the kernel
+  network's heads are tied, see `KernelNet`), i.e. uniform deblurring initialises T_K.
+
+Speed on the CPU: XLA:CPU runs gradients of convolutions inside a while loop (``lax.scan``)
+several times slower than the same step jitted on its own, so the chains are driven as a
+host loop over jitted *chunks* of ``lax.scan``; ``config.e_step_chunk = "auto"`` picks one
+step per chunk on the CPU and the whole chain (one scan) on GPU/TPU. The host loop never
+reads device values between steps.
+
+References:
+    Li, Wang, Nan, Ji, "Self-Supervised Blind Motion Deblurring With Deep Expectation
+    Maximization", CVPR 2023.
+    Welling, Teh, "Bayesian Learning via Stochastic Gradient Langevin Dynamics", ICML 2011.
+    Li, Chen, Carlson, Carin, "Preconditioned Stochastic Gradient Langevin Dynamics for
+    Deep Neural Networks", AAAI 2016.
+    Welford, "Note on a method for calculating corrected sums of squares and products",
+    Technometrics 1962.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxdeblur import blur
+from jaxdeblur.nets import unet
+
+__all__ = [
+    "SGLDState", "PSGLDState", "sgld", "psgld", "Welford", "welford_init", "welford_update",
+    "welford_variance", "ChainState", "langevin_chain", "MCEMState", "MCEMResult", "MCEMModel",
+    "build_model", "init_state", "e_step", "m_step", "em_iteration", "result", "deblur",
+    "resolve_chunk", "DataFitError",
+]
+
+
+class DataFitError(FloatingPointError):
+    """The data fit became NaN or infinite during MCEM."""
+
+
+# --------------------------------------------------------------------------------------
+# Langevin samplers (optax (init, update) shape).
+# --------------------------------------------------------------------------------------
+
+
+class SGLDState(NamedTuple):
+    """State of `sgld`: the step count and the PRNG key for the injected noise."""
+
+    count: jax.Array
+    key: jax.Array
+
+
+class PSGLDState(NamedTuple):
+    """State of `psgld`: step count, PRNG key and the RMSprop second moment ``V``."""
+
+    count: jax.Array
+    key: jax.Array
+    nu: Any
+
+
+def _raw_key(key: jax.Array) -> jax.Array:
+    # Raw uint32 keys checkpoint with orbax and stack under vmap like any array.
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return key
+
+
+def _tree_normal(key: jax.Array, tree: Any) -> Any:
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(
+        treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def sgld(step_size: float) -> optax.GradientTransformation:
+    """Stochastic gradient Langevin dynamics as an optax transformation.
+
+    ``theta <- theta + alpha * grad log p(theta) + sqrt(2 alpha) * w``, ``w ~ N(0, I)``; its
+    stationary law is ``p`` as ``alpha -> 0``. The gradients passed to ``update`` are those of
+    the log posterior (ascent), and the returned updates are *added* to the parameters
+    (`optax.apply_updates`).
+
+    Args:
+        step_size: alpha > 0.
+
+    Returns:
+        ``optax.GradientTransformation(init, update)``; ``init(params, *, key)`` gives an
+        `SGLDState`, ``update(grads, state, params=None) -> (updates, state)``.
+
+    References:
+        Welling & Teh, ICML 2011.
+    """
+    if not step_size > 0:
+        raise ValueError(f"sgld step_size must be > 0, got {step_size}")
+
+    def init(params: Any, *, key: jax.Array) -> SGLDState:
+        del params
+        return SGLDState(count=jnp.zeros((), jnp.int32), key=_raw_key(key))
+
+    def update(grads: Any, state: SGLDState, params: Any = None) -> tuple[Any, SGLDState]:
+        del params
+        key, noise_key = jax.random.split(state.key)
+        noise = _tree_normal(noise_key, grads)
+        updates = jax.tree.map(
+            lambda g, w: step_size * g + jnp.sqrt(2.0 * step_size).astype(g.dtype) * w,
+            grads, noise)
+        return updates, SGLDState(count=state.count + 1, key=key)
+
+    return optax.GradientTransformation(init, update)
+
+
+def psgld(step_size: float, *, decay: float = 0.99, eps: float = 1e-5,
+          bias_correction: bool = True) -> optax.GradientTransformation:
+    """RMSprop-preconditioned SGLD (pSGLD), with the Gamma correction term dropped.
+
+    ``V <- decay V + (1 - decay) g . g``, ``G = 1 / (eps + sqrt(V / (1 - decay^t)))``,
+    ``theta <- theta + alpha G . g + sqrt(2 alpha G) . w``, ``w ~ N(0, I)``, with g the
+    gradient of the log posterior. The exact sampler also adds ``alpha Gamma(theta)``,
+    ``Gamma_i = sum_j dG_ij / dtheta_j``; like Li et al. (and the Deep EM demo's pSGLD) we
+    drop it: it is O((1 - decay)) for a slowly varying V and costs a second-order
+    derivative. The division by ``1 - decay^t`` (Adam's bias correction; Li et al. start
+    from V = 0 without it) keeps the first steps from being ``1 / sqrt(1 - decay)`` times
+    too large: without it the first step moves every parameter by ~10 alpha.
+
+    Args:
+        step_size: alpha > 0 (the paper's "lr 0.01 for T_f").
+        decay: RMSprop decay of the second moment, in [0, 1).
+        eps: lambda, keeps G bounded where gradients vanish.
+        bias_correction: divide V by ``1 - decay^t``.
+
+    Returns:
+        ``optax.GradientTransformation(init, update)``; ``init(params, *, key)`` gives a
+        `PSGLDState`, ``update(grads, state, params=None) -> (updates, state)``.
+
+    References:
+        Li, Chen, Carlson, Carin, AAAI 2016, Algorithm 1.
+    """
+    if not step_size > 0:
+        raise ValueError(f"psgld step_size must be > 0, got {step_size}")
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"psgld decay must be in [0, 1), got {decay}")
+    if not eps > 0:
+        raise ValueError(f"psgld eps must be > 0, got {eps}")
+
+    def init(params: Any, *, key: jax.Array) -> PSGLDState:
+        return PSGLDState(count=jnp.zeros((), jnp.int32), key=_raw_key(key),
+                          nu=jax.tree.map(jnp.zeros_like, params))
+
+    def update(grads: Any, state: PSGLDState, params: Any = None) -> tuple[Any, PSGLDState]:
+        del params
+        key, noise_key = jax.random.split(state.key)
+        noise = _tree_normal(noise_key, grads)
+        nu = jax.tree.map(lambda v, g: decay * v + (1.0 - decay) * g * g, state.nu, grads)
+        count = state.count + 1
+        scale = (1.0 - decay ** count.astype(jnp.float32)) if bias_correction else 1.0
+
+        def one(g, v, w):
+            precond = 1.0 / (eps + jnp.sqrt(v / scale))
+            return step_size * precond * g + jnp.sqrt(2.0 * step_size * precond) * w
+
+        updates = jax.tree.map(one, grads, nu, noise)
+        return updates, PSGLDState(count=count, key=key, nu=nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _make_sampler(config: Any) -> optax.GradientTransformation:
+    if config.sampler == "psgld":
+        return psgld(config.step_size, decay=config.psgld_decay, eps=config.psgld_eps)
+    if config.sampler == "sgld":
+        return sgld(config.step_size)
+    raise ValueError(f"config.sampler must be 'psgld' or 'sgld', got {config.sampler!r}")
+
+
+# --------------------------------------------------------------------------------------
+# Running moments and the Langevin chain.
+# --------------------------------------------------------------------------------------
+
+
+class Welford(NamedTuple):
+    """Running mean and sum of squared deviations of the samples seen so far."""
+
+    count: jax.Array
+    mean: jax.Array
+    m2: jax.Array
+
+
+def welford_init(like: jax.Array) -> Welford:
+    """Empty running moments for samples shaped like ``like``."""
+    return Welford(jnp.zeros((), jnp.float32), jnp.zeros_like(like), jnp.zeros_like(like))
+
+
+def welford_update(stats: Welford, sample: jax.Array, weight: jax.Array = 1.0) -> Welford:
+    """Adds ``sample`` when ``weight`` is 1 and leaves the moments unchanged when it is 0.
+
+    ``n <- n + 1``, ``d = x - mean``, ``mean <- mean + d / n``, ``m2 <- m2 + d (x - mean)``.
+    """
+    weight = jnp.asarray(weight, jnp.float32)
+    count = stats.count + weight
+    delta = sample - stats.mean
+    mean = stats.mean + weight * delta / jnp.maximum(count, 1.0)
+    m2 = stats.m2 + weight * delta * (sample - mean)
+    return Welford(count, mean, m2)
+
+
+def welford_variance(stats: Welford) -> jax.Array:
+    """Population variance ``m2 / n`` of the samples (0 before any sample)."""
+    return stats.m2 / jnp.maximum(stats.count, 1.0)
+
+
+class ChainState(NamedTuple):
+    """One Langevin chain: parameters, sampler state, running moments, step within the E-step."""
+
+    params: Any
+    sampler: Any
+    stats: Welford
+    step: jax.Array
+
+
+def langevin_chain(
+    state: ChainState,
+    grad_log_posterior: Callable[[Any], Any],
+    observe: Callable[[Any], jax.Array],
+    sampler: optax.GradientTransformation,
+    *,
+    length: int,
+    burn_in: int,
+) -> ChainState:
+    """``length`` Langevin steps as one ``lax.scan``, folding post-burn-in samples into moments.
+
+    Step t (counted by ``state.step`` from the start of the E-step) moves the parameters by
+    the sampler and, when ``t >= burn_in``, adds ``observe(params)`` to the Welford moments.
+    Called once with the whole chain, or repeatedly with chunks: the result is the same.
+
+    Args:
+        state: the chain's `ChainState`.
+        grad_log_posterior: params -> gradient of the log posterior (same pytree).
+        observe: params -> the quantity whose moments are tracked (the image).
+        sampler: `sgld` or `psgld`.
+        length: number of steps in this call (static).
+        burn_in: steps of the E-step whose samples are discarded.
+
+    Returns:
+        The `ChainState` after ``length`` steps (same shapes and dtypes).
+    """
+
+    def step(carry: ChainState, _):
+        grads = grad_log_posterior(carry.params)
+        updates, sampler_state = sampler.update(grads, carry.sampler, carry.params)
+        params = optax.apply_updates(carry.params, updates)
+        keep = (carry.step >= burn_in).astype(jnp.float32)
+        stats = welford_update(carry.stats, observe(params), keep)
+        return ChainState(params, sampler_state, stats, carry.step + 1), None
+
+    state, _ = jax.lax.scan(step, state, None, length=length)
+    return state
+
+
+# --------------------------------------------------------------------------------------
+# MCEM on one image.
+# --------------------------------------------------------------------------------------
+
+
+class MCEMState(NamedTuple):
+    """Everything an MCEM run carries between iterations (one image; vmap adds a batch axis)."""
+
+    chain: ChainState
+    kernel_params: Any
+    adam: Any
+    z_image: jax.Array
+    z_kernel: jax.Array
+    iteration: jax.Array
+
+
+class MCEMResult(NamedTuple):
+    """Output of `deblur`.
+
+    Attributes:
+        image: (H, W, C) posterior mean of the sharp image (batch axis first for a batch).
+        kernels: (G, k, k) per-cell kernels, row-major over the grid actually used.
+        uncertainty: (H, W, C) posterior standard deviation across the samples.
+        grid: (gh, gw) the filter-flow grid actually used (portrait images flip it).
+        data_fit: final mean squared residual ``mean (g - B xbar)^2``.
+        history: list of (iteration, data fit) pairs at the logged iterations.
+    """
+
+    image: np.ndarray
+    kernels: np.ndarray
+    uncertainty: np.ndarray
+    grid: tuple
+    data_fit: np.ndarray
+    history: list
+
+
+@dataclasses.dataclass(frozen=True)
+class MCEMModel:
+    """The static parts of an MCEM run for one image size: networks, geometry, optimisers."""
+
+    image_shape: tuple
+    latent_shape: tuple
+    geometry: Any
+    image_net: unet.DIPImageNet
+    kernel_net: unet.KernelNet
+    sampler: optax.GradientTransformation
+    adam: optax.GradientTransformation
+    config: Any
+
+    @property
+    def num_kernels(self) -> int:
+        return self.kernel_net.num_kernels
+
+
+def _check_image(blurry_shape: tuple, config: Any) -> None:
+    k = config.kernel_size
+    if not isinstance(k, int) or k < 3 or k % 2 == 0:
+        raise ValueError(f"config.kernel_size must be an odd integer >= 3, got {k!r}; the "
+                         "filter flow centres kernels on a pixel (use e.g. 31, not 30)")
+    if len(blurry_shape) != 3 or blurry_shape[-1] not in (1, 3):
+        raise ValueError(f"blurry image must have shape (H, W, C) with C in {{1, 3}}, got "
+                         f"{blurry_shape}; batch as (B, H, W, C) with per-image keys")
+    h, w, _ = blurry_shape
+    if h < k or w < k:
+        raise ValueError(f"image {h}x{w} is smaller than the {k}x{k} kernel; use a smaller "
+                         "config.kernel_size or a larger image")
+    gh, gw = config.grid
+    if gh < 1 or gw < 1 or max(gh, gw) > max(h, w) or min(gh, gw) > min(h, w):
+        raise ValueError(f"grid {tuple(config.grid)} has more cells than the {h}x{w} image "
+                         "has pixels along a side; use a coarser config.grid")
+
+
+def build_model(blurry_shape: tuple, config: Any) -> MCEMModel:
+    """Networks, filter-flow geometry and optimisers for images of ``blurry_shape``.
+
+    Args:
+        blurry_shape: (H, W, C) of one observed image.
+        config: an MCEM config (`train_scripts/configs/mcem.py`).
+
+    Returns:
+        An `MCEMModel`.
+
+    Raises:
+        ValueError: for even or too large kernels, bad image shapes or too fine grids.
+    """
+    blurry_shape = tuple(int(s) for s in blurry_shape)
+    _check_image(blurry_shape, config)
+    h, w, c = blurry_shape
+    k = config.kernel_size
+    latent_shape = (h + k - 1, w + k - 1, c)
+    geometry = blur.eff_windows(latent_shape[:2], tuple(config.grid), k)
+    gh, gw = (int(g) for g in geometry.grid_size)
+    image_net = unet.DIPImageNet(
+        features=tuple(config.image_net.features), skip_features=config.image_net.skip_features,
+        out_channels=c, norm=config.image_net.norm, num_groups=config.image_net.num_groups)
+    kernel_net = unet.KernelNet(
+        num_kernels=gh * gw, features=tuple(config.kernel_net.features),
+        skip_features=config.kernel_net.skip_features, norm=config.kernel_net.norm,
+        num_groups=config.kernel_net.num_groups)
+    return MCEMModel(blurry_shape, latent_shape, geometry, image_net, kernel_net,
+                     _make_sampler(config), optax.adam(config.m_step_lr), config)
+
+
+def _crop(latent: jax.Array, k: int) -> jax.Array:
+    r = (k - 1) // 2
+    return latent[r:latent.shape[0] - r, r:latent.shape[1] - r]
+
+
+def _reblur(model: MCEMModel, latent: jax.Array, kernels: jax.Array) -> jax.Array:
+    out = blur.filter_flow_blur(latent, kernels, model.geometry, method=model.config.blur_method)
+    return _crop(out, model.config.kernel_size)
+
+
+def _kernels(model: MCEMModel, kernel_params: Any, z_kernel: jax.Array, uniform: bool):
+    return model.kernel_net.apply(kernel_params, z_kernel, tie_heads=uniform)
+
+
+def init_state(model: MCEMModel, *, key: jax.Array) -> MCEMState:
+    """Initial networks, noise inputs, sampler and Adam states for one image.
+
+    Args:
+        model: from `build_model`.
+        key: PRNG key (keyword-only); split into noise inputs, two network inits and the
+            sampler's noise stream.
+
+    Returns:
+        An `MCEMState` at iteration 0.
+    """
+    cfg = model.config
+    keys = jax.random.split(_raw_key(key), 5)
+    h, w, _ = model.latent_shape
+    k = cfg.kernel_size
+    z_image = unet.fixed_noise(keys[0], (h, w, cfg.image_net.input_channels),
+                               scale=cfg.image_net.noise_scale)
+    z_kernel = unet.fixed_noise(keys[1], (k, k, cfg.kernel_net.input_channels),
+                                scale=cfg.kernel_net.noise_scale)
+    image_params = model.image_net.init(keys[2], z_image)
+    kernel_params = model.kernel_net.init(keys[3], z_kernel)
+    chain = ChainState(image_params, model.sampler.init(image_params, key=keys[4]),
+                       welford_init(jnp.zeros(model.latent_shape, jnp.float32)),
+                       jnp.zeros((), jnp.int32))
+    return MCEMState(chain, kernel_params, model.adam.init(kernel_params), z_image, z_kernel,
+                     jnp.zeros((), jnp.int32))
+
+
+def _log_likelihood(model: MCEMModel, latent, kernels, blurry):
+    residual = blurry - _reblur(model, latent, kernels)
+    return -jnp.sum(residual * residual) / (2.0 * model.config.noise_sigma ** 2)
+
+
+def _reset_chain(state: MCEMState) -> MCEMState:
+    chain = state.chain._replace(stats=welford_init(state.chain.stats.mean),
+                                 step=jnp.zeros((), jnp.int32))
+    return state._replace(chain=chain)
+
+
+def e_step(model: MCEMModel, state: MCEMState, blurry: jax.Array, *, length: int,
+           uniform: bool) -> MCEMState:
+    """``length`` steps of the E-step chain for fixed kernels (one chunk of the chain).
+
+    ``theta_f <- sampler(theta_f, grad [log p(g | theta_f; theta_K) + log p(theta_f)])``;
+    post-burn-in images ``T_f(theta_f, z)`` enter the running moments.
+
+    Args:
+        model: from `build_model`.
+        state: current `MCEMState` (reset the moments with a new E-step, see `em_iteration`).
+        blurry: (H, W, C) observation.
+        length: steps in this chunk (static).
+        uniform: warm-up mode (one kernel for every cell), static.
+
+    Returns:
+        The updated `MCEMState`.
+    """
+    cfg = model.config
+    kernels = jax.lax.stop_gradient(
+        _kernels(model, state.kernel_params, state.z_kernel, uniform))
+
+    def log_posterior(params):
+        latent = model.image_net.apply(params, state.z_image)
+        prior = sum(jnp.sum(p * p) for p in jax.tree.leaves(params))
+        return _log_likelihood(model, latent, kernels, blurry) - 0.5 * cfg.weight_decay * prior
+
+    chain = langevin_chain(state.chain, jax.grad(log_posterior),
+                           lambda p: model.image_net.apply(p, state.z_image), model.sampler,
+                           length=length, burn_in=cfg.e_step_burn_in)
+    return state._replace(chain=chain)
+
+
+def _q_loss(model: MCEMModel, kernel_params, state: MCEMState, blurry, uniform: bool):
+    """Negative Monte Carlo Q divided by the pixel count (a mean squared residual)."""
+    kernels = _kernels(model, kernel_params, state.z_kernel, uniform)
+    residual = blurry - _reblur(model, state.chain.stats.mean, kernels)
+    loss = jnp.mean(residual * residual)
+    if model.config.m_step_variance_term:
+        var = welford_variance(state.chain.stats)
+        loss = loss + jnp.mean(_reblur(model, var, kernels * kernels))
+    return loss
+
+
+def m_step(model: MCEMModel, state: MCEMState, blurry: jax.Array, *, length: int,
+           uniform: bool) -> MCEMState:
+    """``length`` Adam steps on theta_K maximising the Monte Carlo Q (one chunk).
+
+    Args:
+        model: from `build_model`.
+        state: `MCEMState` whose moments hold the E-step's samples.
+        blurry: (H, W, C) observation.
+        length: Adam steps in this chunk (static).
+        uniform: warm-up mode (tied kernel heads), static.
+
+    Returns:
+        The updated `MCEMState`.
+    """
+
+    def step(carry, _):
+        params, opt_state = carry
+        grads = jax.grad(lambda p: _q_loss(model, p, state, blurry, uniform))(params)
+        updates, opt_state = model.adam.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), None
+
+    (params, adam_state), _ = jax.lax.scan(step, (state.kernel_params, state.adam), None,
+                                           length=length)
+    return state._replace(kernel_params=params, adam=adam_state)
+
+
+def data_fit(model: MCEMModel, state: MCEMState, blurry: jax.Array, *, uniform: bool):
+    """Mean squared residual ``mean (g - B_K xbar)^2`` of the current posterior mean."""
+    kernels = _kernels(model, state.kernel_params, state.z_kernel, uniform)
+    residual = blurry - _reblur(model, state.chain.stats.mean, kernels)
+    return jnp.mean(residual * residual)
+
+
+def em_iteration(model: MCEMModel, state: MCEMState, blurry: jax.Array, *,
+                 uniform: bool) -> MCEMState:
+    """One MCEM iteration as a single traced function (E-step scan, then M-step scan).
+
+    This is the accelerator path; `deblur` on the CPU drives the same steps in chunks.
+    """
+    cfg = model.config
+    state = e_step(model, _reset_chain(state), blurry, length=cfg.e_step_steps,
+                   uniform=uniform)
+    state = m_step(model, state, blurry, length=cfg.m_step_steps, uniform=uniform)
+    return state._replace(iteration=state.iteration + 1)
+
+
+def resolve_chunk(value: Any, length: int, backend: Optional[str] = None) -> int:
+    """Steps per jitted call for a chain of ``length`` steps.
+
+    ``"auto"``: 1 on the CPU (XLA:CPU runs convolution gradients inside a while loop
+    several times slower, see DEVELOPERS.md) and ``length`` (one scan) elsewhere. An
+    integer (or a string of digits) must divide ``length``.
+    """
+    backend = backend or jax.default_backend()
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)  # command-line overrides of the string-typed config field
+    if value == "auto":
+        return 1 if backend == "cpu" else length
+    if not isinstance(value, int) or value < 1 or length % value:
+        raise ValueError(f"chunk must be 'auto' or a positive divisor of {length}, got {value!r}")
+    return value
+
+
+def result(model: MCEMModel, state: MCEMState, blurry: jax.Array, *, uniform: bool = False):
+    """Posterior mean image, kernels, per-pixel std and data fit of one image (traceable)."""
+    k = model.config.kernel_size
+    image = _crop(state.chain.stats.mean, k)
+    std = jnp.sqrt(_crop(welford_variance(state.chain.stats), k))
+    kernels = _kernels(model, state.kernel_params, state.z_kernel, uniform)
+    if uniform:
+        kernels = jnp.broadcast_to(kernels, (model.num_kernels,) + kernels.shape[1:])
+    return image, kernels, std, data_fit(model, state, blurry, uniform=uniform)
+
+
+class _Stepper:
+    """jit(vmap(.)) versions of the chunked MCEM steps for one model, batch and sharding."""
+
+    def __init__(self, model: MCEMModel, sharding: Any = None):
+        cfg = model.config
+        self.model = model
+        self.e_chunk = resolve_chunk(cfg.e_step_chunk, cfg.e_step_steps)
+        self.m_chunk = resolve_chunk(cfg.m_step_chunk, cfg.m_step_steps)
+        out = {} if sharding is None else {"out_shardings": sharding}
+
+        def vm(fn, **static):
+            return jax.vmap(functools.partial(fn, model, **static))
+
+        self.reset = jax.jit(jax.vmap(_reset_chain), donate_argnums=0, **out)
+        self._e = {u: jax.jit(vm(e_step, length=self.e_chunk, uniform=u), donate_argnums=0,
+                              **out) for u in (False, True)}
+        self._m = {u: jax.jit(vm(m_step, length=self.m_chunk, uniform=u), donate_argnums=0,
+                              **out) for u in (False, True)}
+        self._fit = {u: jax.jit(vm(data_fit, uniform=u)) for u in (False, True)}
+        self._result = {u: jax.jit(vm(result, uniform=u)) for u in (False, True)}
+        self.bump = jax.jit(jax.vmap(lambda s: s._replace(iteration=s.iteration + 1)),
+                            donate_argnums=0, **out)
+
+    def iteration(self, state: MCEMState, blurry: jax.Array, uniform: bool) -> MCEMState:
+        cfg = self.model.config
+        state = self.reset(state)
+        for _ in range(cfg.e_step_steps // self.e_chunk):
+            state = self._e[uniform](state, blurry)
+        for _ in range(cfg.m_step_steps // self.m_chunk):
+            state = self._m[uniform](state, blurry)
+        return self.bump(state)
+
+    def final_samples(self, state: MCEMState, blurry: jax.Array, uniform: bool) -> MCEMState:
+        state = self.reset(state)
+        for _ in range(self.model.config.e_step_steps // self.e_chunk):
+            state = self._e[uniform](state, blurry)
+        return state
+
+    def data_fit(self, state, blurry, uniform):
+        return self._fit[uniform](state, blurry)
+
+    def result(self, state, blurry, uniform):
+        return self._result[uniform](state, blurry)
+
+
+def deblur(
+    blurry: Any,
+    config: Any,
+    *,
+    key: jax.Array,
+    mesh: Any = None,
+    state: Optional[MCEMState] = None,
+    callback: Optional[Callable[[int, MCEMState, Any], None]] = None,
+) -> MCEMResult:
+    """Blind deblurring of one image, or a batch of same-size images, by Deep EM.
+
+    Runs ``config.em_iterations`` MCEM iterations (the first ``config.warmup_iterations``
+    with one kernel for every cell), then a last E-step whose post-burn-in samples give the
+    posterior mean and standard deviation. A batch is handled by ``jax.vmap`` of the
+    one-image steps; with a ``mesh`` the batch axis is sharded over its ``data`` axis
+    (batch size divisible by the axis size) and the steps run under ``jax.jit`` with
+    ``NamedSharding``.
+
+    Args:
+        blurry: (H, W, C) or (B, H, W, C) float32 in [0, 1].
+        config: an MCEM config (see `train_scripts/configs/mcem.py`).
+        key: PRNG key (keyword-only): one key, or a (B,) batch of keys for a batch (image b
+            with key b gives the same result as a single run with that key).
+        mesh: optional `jax.sharding.Mesh` with a ``data`` axis.
+        state: resume from this (batched) `MCEMState` instead of initialising.
+        callback: called as ``callback(iteration, state, fit)`` after every
+            ``config.log_every`` iterations, ``fit`` a (B,) host array of data fits; use it
+            for progress bars and checkpoints.
+
+    Returns:
+        An `MCEMResult` (arrays with a leading batch axis when the input had one).
+
+    Raises:
+        ValueError: bad shapes or configuration (see `build_model`).
+        DataFitError: the data fit became NaN or infinite (the state before it is kept by
+            the caller's last checkpoint).
+    """
+    blurry = jnp.asarray(blurry, jnp.float32)
+    single = blurry.ndim == 3
+    if single:
+        blurry = blurry[None]
+    if blurry.ndim != 4:
+        raise ValueError(f"deblur expects (H, W, C) or (B, H, W, C), got {blurry.shape}")
+    if not bool(jnp.all(jnp.isfinite(blurry))):
+        raise ValueError("the blurry image contains NaN or infinite values")
+    model = build_model(blurry.shape[1:], config)
+    keys = _raw_key(key)
+    keys = keys[None] if single else keys
+    if keys.shape[0] != blurry.shape[0]:
+        raise ValueError(f"need one key per image: got {keys.shape[0]} keys for "
+                         f"{blurry.shape[0]} images")
+    sharding = None
+    if mesh is not None:
+        from jax.sharding import NamedSharding, PartitionSpec
+        sharding = NamedSharding(mesh, PartitionSpec("data"))
+        blurry = jax.device_put(blurry, sharding)
+        keys = jax.device_put(keys, sharding)
+    if state is None:
+        init = jax.jit(jax.vmap(lambda k: init_state(model, key=k)),
+                       **({} if sharding is None else {"out_shardings": sharding}))
+        state = init(keys)
+    elif sharding is not None:
+        state = jax.device_put(state, sharding)
+    stepper = _Stepper(model, sharding)
+    history = []
+    start = int(np.asarray(state.iteration).reshape(-1)[0])
+    for it in range(start, config.em_iterations):
+        uniform = it < config.warmup_iterations
+        state = stepper.iteration(state, blurry, uniform)
+        last = it + 1 == config.em_iterations
+        if (it + 1) % config.log_every == 0 or last:
+            fit = np.asarray(stepper.data_fit(state, blurry, uniform))
+            if not np.all(np.isfinite(fit)):
+                raise DataFitError(
+                    f"data fit is {fit.tolist()} at EM iteration {it + 1}: the chain diverged. "
+                    "Lower config.step_size or raise config.noise_sigma, and resume from the "
+                    "last checkpoint")
+            history.append((it + 1, fit.tolist()))
+            if callback is not None:
+                callback(it + 1, state, fit)
+    uniform = config.em_iterations <= config.warmup_iterations
+    state = stepper.final_samples(state, blurry, uniform)
+    image, kernels, std, fit = (np.asarray(a) for a in stepper.result(state, blurry, uniform))
+    if not np.all(np.isfinite(fit)):
+        raise DataFitError(f"final data fit is {fit.tolist()}: the chain diverged")
+    if single:
+        image, kernels, std, fit = image[0], kernels[0], std[0], fit[0]
+    return MCEMResult(image, kernels, std, tuple(int(g) for g in model.geometry.grid_size), fit,
+                      history)

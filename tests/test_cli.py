@@ -1,0 +1,274 @@
+"""Tests for the jaxdeblur command (jaxdeblur.cli).
+
+End-to-end runs go through ``python -m jaxdeblur.cli`` in a subprocess on files written
+here with PIL / imageio (independently of jaxdeblur.io), with tiny MCEM configurations or
+tiny UFPNet weights. Bad-input checks call ``cli.main`` in-process (faster; same code).
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from jaxdeblur import cli
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# A tiny, fast MCEM: small networks, one filter-flow cell, a few EM iterations.
+TINY_MCEM = ["--set", "kernel_size=9", "--set", "grid=(1,1)",
+             "--set", "image_net.features=(8,8)", "--set", "image_net.skip_features=4",
+             "--set", "image_net.num_groups=4", "--set", "kernel_net.features=(8,8)",
+             "--set", "kernel_net.skip_features=4", "--set", "kernel_net.num_groups=4",
+             "--set", "em_iterations=2", "--set", "warmup_iterations=1",
+             "--set", "e_step_steps=2", "--set", "e_step_burn_in=1", "--set", "log_every=1"]
+
+
+def run_cli(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "jaxdeblur.cli", *map(str, args)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _photo(shape, seed=0):
+    """A smooth-ish test picture (gradients + a few edges) in [0, 1]."""
+    h, w = shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    base = 0.5 + 0.3 * np.sin(6 * xx) * np.cos(5 * yy)
+    base[h // 4: h // 2, w // 3: 2 * w // 3] += 0.2
+    rng = np.random.default_rng(seed)
+    channels = shape[2] if len(shape) == 3 else 1
+    out = np.stack([np.roll(base, 3 * c, axis=1) for c in range(channels)], -1)
+    return np.clip(out + 0.02 * rng.standard_normal(out.shape), 0, 1)
+
+
+def write_inputs(folder: pathlib.Path, size=(24, 32)):
+    """One file per supported layout; returns {name: (mode or dtype, channels)}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    h, w = size
+    rgb8 = (_photo((h, w, 3)) * 255).round().astype(np.uint8)
+    Image.fromarray(rgb8).save(folder / "rgb8.png")
+    rgb16 = (_photo((h, w, 3), 1) * 65535).round().astype(np.uint16)
+    tifffile.imwrite(folder / "rgb16.tif", rgb16, photometric="rgb")
+    gray16 = (_photo((h, w), 2) * 65535).round().astype(np.uint16)[..., 0]
+    Image.fromarray(gray16).save(folder / "gray16.png")
+    Image.fromarray(rgb8).save(folder / "photo.jpg", quality=95)
+    rgba = np.concatenate([rgb8, np.full((h, w, 1), 0, np.uint8)], -1)
+    rgba[..., 3] = np.linspace(0, 255, w).round().astype(np.uint8)[None, :]
+    Image.fromarray(rgba).save(folder / "rgba.png")
+    gray = (_photo((h, w)) * 255).round().astype(np.uint8)[..., 0]
+    Image.fromarray(gray).save(folder / "gray.png")
+    return {"rgb8.png": ("RGB", rgb8), "rgb16.tif": ("RGB16", rgb16),
+            "gray16.png": ("I;16", gray16),
+            "photo.jpg": ("RGB", rgb8), "rgba.png": ("RGBA", rgba), "gray.png": ("L", gray)}
+
+
+# --------------------------------------------------------------------------------------
+# Help and parser.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["deblur", "kernels", "convert", "evaluate"])
+def test_help_has_a_worked_example(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "examples:" in text and f"jaxdeblur {command}" in text
+
+
+def test_usage_error_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["deblur", "x.png"])  # no --output, no --method
+    assert exit_info.value.code == 2
+
+
+# --------------------------------------------------------------------------------------
+# Bad inputs: clear message, non-zero exit, nothing written.
+# --------------------------------------------------------------------------------------
+
+
+def _deblur(args, capsys):
+    code = cli.main(["deblur", *map(str, args), "--method", "mcem", *TINY_MCEM])
+    return code, capsys.readouterr().err
+
+
+def test_unreadable_file(tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"this is not a PNG file")
+    out = tmp_path / "out"
+    code, err = _deblur([bad, "-o", out], capsys)
+    assert code == 1
+    assert "cannot read" in err and "broken.png" in err
+    assert not any(out.iterdir())  # nothing written
+
+
+def test_missing_file_and_empty_folder_and_glob(tmp_path, capsys):
+    code, err = _deblur([tmp_path / "nope.png", "-o", tmp_path / "out"], capsys)
+    assert code == 1 and "no such file" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    code, err = _deblur([empty, "-o", tmp_path / "out"], capsys)
+    assert code == 1 and "contains no images" in err
+    code, err = _deblur([str(tmp_path / "*.png"), "-o", tmp_path / "out"], capsys)
+    assert code == 1 and "matches no images" in err
+
+
+def test_output_folder_cannot_be_written(tmp_path, capsys):
+    write_inputs(tmp_path / "in")
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    code, err = _deblur([tmp_path / "in" / "gray.png", "-o", blocker], capsys)
+    assert code == 1 and "not a folder" in err
+    code, err = _deblur([tmp_path / "in" / "gray.png", "-o", blocker / "sub"], capsys)
+    assert code == 1 and "cannot write to the output folder" in err
+
+
+def test_existing_outputs_need_overwrite(tmp_path, capsys):
+    write_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "gray.png").write_bytes(b"precious")
+    code, err = _deblur([tmp_path / "in" / "gray.png", "-o", out], capsys)
+    assert code == 1 and "--overwrite" in err
+    assert (out / "gray.png").read_bytes() == b"precious"
+
+
+def test_checkpoint_for_another_method(tmp_path, capsys):
+    write_inputs(tmp_path / "in")
+    image = tmp_path / "in" / "rgb8.png"
+    # An official-format file that is not UFPNet (a flow-only state dict).
+    np.savez(tmp_path / "flow.npz", **{"flow.0.weight": np.zeros((3, 3), np.float32)})
+    code = cli.main(["deblur", str(image), "-o", str(tmp_path / "o"), "--method", "ufpnet",
+                     "--checkpoint", str(tmp_path / "flow.npz")])
+    err = capsys.readouterr().err
+    assert code == 1 and "not a UFPNet checkpoint" in err
+    # A converted checkpoint directory that declares another method.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / cli.CONVERTED_META).write_text(json.dumps({"method": "mcem"}))
+    code = cli.main(["deblur", str(image), "-o", str(tmp_path / "o"), "--method", "ufpnet",
+                     "--checkpoint", str(other)])
+    err = capsys.readouterr().err
+    assert code == 1 and "'mcem' checkpoint, not UFPNet" in err
+    # UFPNet without a checkpoint, MCEM with one.
+    code = cli.main(["deblur", str(image), "-o", str(tmp_path / "o"), "--method", "ufpnet"])
+    assert code == 1 and "needs --checkpoint" in capsys.readouterr().err
+    code = cli.main(["deblur", str(image), "-o", str(tmp_path / "o"), "--method", "mcem",
+                     "--checkpoint", str(other)])
+    assert code == 1 and "needs no checkpoint" in capsys.readouterr().err
+
+
+def test_bad_config_override(tmp_path, capsys):
+    write_inputs(tmp_path / "in")
+    code = cli.main(["deblur", str(tmp_path / "in" / "gray.png"), "-o", str(tmp_path / "o"),
+                     "--method", "mcem", "--set", "no_such_field=3"])
+    assert code == 1 and "no field 'no_such_field'" in capsys.readouterr().err
+
+
+def test_collect_inputs_order_and_dedup(tmp_path):
+    write_inputs(tmp_path)
+    found = cli.collect_inputs([str(tmp_path / "gray.png"), str(tmp_path),
+                                str(tmp_path / "*.jpg")])
+    names = [p.name for p in found]
+    assert names[0] == "gray.png" and len(names) == len(set(names)) == 6
+
+
+# --------------------------------------------------------------------------------------
+# End to end.
+# --------------------------------------------------------------------------------------
+
+
+def test_deblur_end_to_end_keeps_size_mode_and_depth(tmp_path):
+    expected = write_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    result = run_cli("deblur", tmp_path / "in", "--method", "mcem", *TINY_MCEM, "-o", out,
+                     "--figures")
+    assert result.returncode == 0, result.stderr
+    for name, (mode, _) in expected.items():
+        path = out / name
+        assert path.exists(), (name, result.stderr)
+        if mode == "RGB16":
+            array = tifffile.imread(path)
+            assert array.dtype == np.uint16 and array.shape == (24, 32, 3)
+        else:
+            with Image.open(path) as im:
+                assert im.mode == mode and im.size == (32, 24), (name, im.mode, im.size)
+        for figure in ("_compare.png", "_kernels.png", "_uncertainty.png", "_curves.png",
+                       "_metrics.jsonl"):
+            assert (out / (path.stem + figure)).exists()
+    # Alpha is carried through bit for bit.
+    with Image.open(out / "rgba.png") as im:
+        np.testing.assert_array_equal(np.asarray(im)[..., 3], expected["rgba.png"][1][..., 3])
+    # A second run refuses to overwrite; with --overwrite it replaces.
+    again = run_cli("deblur", tmp_path / "in" / "gray.png", "--method", "mcem", *TINY_MCEM,
+                    "-o", out)
+    assert again.returncode == 1 and "--overwrite" in again.stderr
+
+
+def test_convert_then_ufpnet_deblur_and_kernels(tmp_path):
+    """Official tiny UFPNet weights (the parity fixture) -> orbax -> the deblur command."""
+    from conftest import FIXTURES_DIR, load_fixture
+
+    load_fixture("ufpnet_tiny.npz")  # skips with a reason when ../shared is absent
+    weights = tmp_path / "ufpnet"
+    result = run_cli("convert", FIXTURES_DIR / "ufpnet_tiny.npz", weights)
+    assert result.returncode == 0, result.stderr
+    assert (weights / cli.CONVERTED_META).exists()
+    again = run_cli("convert", FIXTURES_DIR / "ufpnet_tiny.npz", weights)
+    assert again.returncode == 1 and "--overwrite" in again.stderr
+
+    expected = write_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    result = run_cli("deblur", tmp_path / "in", "--method", "ufpnet", "--checkpoint", weights,
+                     "--train-size", "16", "--tile", "32", "--overlap", "16", "-o", out,
+                     "--figures", "--grid", "1", "2")
+    assert result.returncode == 0, result.stderr
+    for name, (mode, _) in expected.items():
+        assert (out / name).exists() and (out / (pathlib.Path(name).stem + "_kernels.png")).exists()
+    with Image.open(out / "gray16.png") as im:
+        assert im.mode.startswith("I") and im.size == (32, 24)
+
+    result = run_cli("kernels", tmp_path / "in" / "rgb8.png", "--method", "ufpnet",
+                     "--checkpoint", weights, "--grid", "2", "2", "-o", tmp_path / "k")
+    assert result.returncode == 0, result.stderr
+    with np.load(tmp_path / "k" / "rgb8_kernels.npz") as data:
+        assert data["kernels"].shape == (4, 19, 19) and data["centres"].shape == (4, 2)
+        assert np.all(data["kernels"] >= 0)
+
+
+def test_evaluate_paired_folders_identity_baseline(tmp_path, capsys):
+    blurry, sharp = tmp_path / "blurry", tmp_path / "sharp"
+    blurry.mkdir()
+    sharp.mkdir()
+    rng = np.random.default_rng(0)
+    expected = []
+    for i in range(2):
+        clean = (rng.uniform(size=(20, 24, 3)) * 255).round().astype(np.uint8)
+        noisy = np.clip(clean.astype(int) + rng.integers(-8, 9, clean.shape), 0, 255)
+        Image.fromarray(clean).save(sharp / f"{i}.png")
+        Image.fromarray(noisy.astype(np.uint8)).save(blurry / f"{i}.png")
+        mse = np.mean((noisy.astype(float) - clean) ** 2)
+        expected.append(10 * np.log10(255.0 ** 2 / mse))
+    table = tmp_path / "eval.json"
+    code = cli.main(["evaluate", "--pairs", str(blurry), str(sharp), "--method", "none",
+                     "--output", str(table)])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "PSNR" in printed and "mean" in printed
+    rows = json.loads(table.read_text())
+    np.testing.assert_allclose([r["psnr"] for r in rows["images"]], expected, atol=1e-3)
+    assert all(0 < r["ssim"] <= 1 for r in rows["images"])
+    code = cli.main(["evaluate", "--pairs", str(blurry), str(sharp), "--method", "none",
+                     "--output", str(table)])
+    assert code == 1 and "--overwrite" in capsys.readouterr().err
+    (sharp / "1.png").unlink()
+    code = cli.main(["evaluate", "--pairs", str(blurry), str(sharp), "--method", "none"])
+    assert code == 1 and "no sharp image" in capsys.readouterr().err

@@ -1,0 +1,58 @@
+"""UFPNet, tiny: the default run of ``train_scripts/ufpnet.py`` (stage II, then stage III).
+
+Command (a fresh machine; builds the embedded ``synthetic_blur`` data set on first use)::
+
+  python train_scripts/ufpnet.py            # = --config train_scripts/configs/ufpnet_tiny.py
+
+Runs in a few minutes on a 2-core CPU: the pretrained flow from the package, a short
+stage II (KE-Net trained by re-blurring the sharp tiles), a short stage III (a width-8
+kernel-attention NAFNet), evaluation on the held-out ``test`` split. Result on the
+development machine: see the run summary printed at the end (held-out PSNR before and
+after; the reblur PSNR of stage II).
+
+The architecture is the fixture's tiny backbone (width 8, encoders [1, 1, 1, 2]) with a
+narrow KE-Net (``ke_widths`` 16/32 instead of the official 64/128) so that the CPU can
+run it; everything else follows ``ufpnet_gopro.py``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # jaxdeblur.nets.ufpnet.UFPNet fields.
+    config.model = ml_collections.ConfigDict(dict(
+        img_channel=3, width=8, enc_blk_nums=(1, 1, 1, 2), middle_blk_num=1,
+        dec_blk_nums=(1, 1, 1, 1), kernel_size=19, ke_widths=(16, 32)))
+    # Test-time local pooling (TLC) at evaluation: the training crop size, or None for the
+    # global channel attention.
+    config.eval_tlc_train_size = None
+    # "ours" = the prior shipped in jaxdeblur/assets; or a path to an official checkpoint
+    # (.pt / .npz, e.g. shared/fixtures/flow_motion.npz).
+    config.flow_checkpoint = "ours"
+
+    config.data = ml_collections.ConfigDict(dict(
+        name="synthetic_blur", config="default", data_dir="~/tensorflow_datasets",
+        build_if_missing=True, train_split="train", eval_split="test", num_workers=0))
+    config.batch_size = 4  # global, split over all devices
+    config.crop_size = 48
+    config.eval_crop_size = 128  # centre crop of the held-out tiles (None = whole tile)
+    config.num_eval_images = 16
+    config.num_sample_images = 4
+
+    # Stage II: KE-Net by L_KE through the frozen flow (Adam).
+    config.stage2 = ml_collections.ConfigDict(dict(
+        num_steps=40, learning_rate=1e-3, b1=0.9, b2=0.999, weight_decay=0.0,
+        grad_clip=1.0, kl_weight=0.0, log_every=5, eval_every=20, checkpoint_every=20))
+
+    # Stage III: backbone by PSNR loss + reblur L1 (AdamW, cosine decay, global-norm clip).
+    config.stage3 = ml_collections.ConfigDict(dict(
+        num_steps=100, learning_rate=1e-3, min_learning_rate=1e-7, b1=0.9, b2=0.9,
+        weight_decay=1e-3, grad_clip=0.01, reblur_weight=0.01, log_every=5, eval_every=50,
+        checkpoint_every=50))
+
+    config.max_checkpoints = 2
+    config.async_checkpoint = True
+    return config
