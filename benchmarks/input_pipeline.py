@@ -59,20 +59,29 @@ def write_gopro_like_pairs(root: pathlib.Path, count: int) -> None:
         Image.fromarray(blurry.astype(np.uint8)).save(root / "blurry" / f"{i:04d}.png")
 
 
-def measure(source, *, batch_size: int, crop_size: int, workers: int, batches: int) -> float:
-    """Seconds per batch, after the first batch."""
+def _megabytes(folder: pathlib.Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+
+
+def measure(source, *, batch_size: int, crop_size: int, workers: int,
+            batches: int) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) per batch, after the first batch.
+
+    The CPU time excludes worker processes; with 0 workers it is the whole cost of a batch
+    and, unlike the wall time, does not depend on how loaded the machine is.
+    """
     iterator = pipeline.make_pipeline(source, batch_size=batch_size, crop_size=crop_size,
                                       seed=0, num_workers=workers, shard_index=0,
                                       shard_count=1)
     next(iterator)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(batches):
         batch = next(iterator)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     assert batch["blurry"].shape == (batch_size, crop_size, crop_size, 3)
     if hasattr(iterator, "close"):
         iterator.close()
-    return elapsed / batches
+    return elapsed / batches, cpu / batches
 
 
 def main() -> None:
@@ -99,22 +108,26 @@ def main() -> None:
                                 manual_dir=root)
             source = pipeline.load_split("paired_folder", "train", pathlib.Path(tmp) / "tfds")
             label, png = f"{args.pairs} GoPro-sized pairs", PngPairs(root)
+            sizes = {"PNG files": _megabytes(root),
+                     "array_record (zlib uint8)": _megabytes(pathlib.Path(tmp) / "tfds")}
+            print("on disk: " + ", ".join(f"{k} {v:.1f} MB" for k, v in sizes.items()))
         for workers in args.workers:
             seconds = measure(source, batch_size=args.batch_size, crop_size=args.crop_size,
                               workers=workers, batches=args.batches)
-            rows.append((f"array_record ({label})", workers, seconds))
+            rows.append((f"array_record ({label})", workers, *seconds))
         if png is not None:
             seconds = measure(png, batch_size=args.batch_size, crop_size=args.crop_size,
                               workers=0, batches=args.batches)
-            rows.append(("reference: PNG + PIL per step", 0, seconds))
+            rows.append(("reference: PNG + PIL per step", 0, *seconds))
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nbatch {args.batch_size}, crop {args.crop_size}², {args.batches} timed batches, "
           f"{os.cpu_count()} CPUs, load average {load:.1f}")
-    print(f"{'source':<40} {'workers':>7} {'batches/s':>10} {'images/s':>9} {'ms/batch':>9}")
-    for name, workers, seconds in rows:
+    print(f"{'source':<40} {'workers':>7} {'batches/s':>10} {'images/s':>9} {'ms/batch':>9} "
+          f"{'main-process CPU ms/batch':>26}")
+    for name, workers, seconds, cpu in rows:
         print(f"{name:<40} {workers:>7} {1 / seconds:>10.2f} {args.batch_size / seconds:>9.1f} "
-              f"{1000 * seconds:>9.1f}")
+              f"{1000 * seconds:>9.1f} {1000 * cpu:>26.1f}")
 
 
 if __name__ == "__main__":

@@ -75,16 +75,33 @@ def _speed(size: int = 19, batch: int = 1000, repeats: int = 5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=4000, help="kernels per size (x1000)")
+    parser.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     header = f"{'size':>4}  {'quantity':<18}{'mean':>7}" + "".join(
         f"{'q' + str(int(q * 100)):>7}" for q in _QUANTILES) + f"{'max':>7}"
     print(f"motion_kernel defaults, {args.n} kernels per size, seed {args.seed}")
     print(header)
+    by_exposure = []
     for size in (19, 31):
-        for name, values in _statistics(size, args.n, args.seed).items():
+        stats = _statistics(size, args.n, args.seed)
+        for name, values in stats.items():
             quantiles = "".join(f"{np.quantile(values, q):7.2f}" for q in _QUANTILES)
             print(f"{size:>4}  {name:<18}{values.mean():7.2f}{quantiles}{values.max():7.2f}")
+        full_length = 60.0 * size / 64
+        for exposure in kernels.DEFAULT_EXPOSURES:
+            chosen = np.isclose(stats["length px"], exposure * full_length, rtol=0.01)
+            by_exposure.append((size, exposure, chosen.mean(), stats["extent px"][chosen],
+                                stats["spread px"][chosen]))
+    print("\nby exposure fraction (share of kernels; extent and spread median / q90)")
+    print(f"{'size':>4}  {'exposure':>8}{'share':>7}{'extent q50':>12}{'q90':>6}"
+          f"{'spread q50':>12}{'q90':>6}")
+    for size, exposure, share, extent, spread in by_exposure:
+        print(f"{size:>4}  {exposure:>8.2f}{share:>7.2f}{np.median(extent):>12.1f}"
+              f"{np.quantile(extent, 0.9):>6.1f}{np.median(spread):>12.2f}"
+              f"{np.quantile(spread, 0.9):>6.2f}")
+    if args.no_speed:
+        return
     print(f"speed: {_speed():.0f} kernels/s (19x19, vmap batch 1000, "
           f"{jax.devices()[0].platform}, best of 5)")
 

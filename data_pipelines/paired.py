@@ -34,7 +34,8 @@ Storage conventions for every builder: `blurry` and `sharp` are `(H, W, C)` uint
 example without a sharp image (Lai's real split) stores `sharp` as a `(0, 0, C)` array;
 builders with ground-truth kernels add `kernel: (k, k) float32` summing to 1 (`(0, 0)` where
 the split has none). Images are read through `jaxdeblur.io.read_image` and quantised with
-`round(255 x)`, which is exact for 8-bit files (16-bit files lose their low byte).
+`round(255 x)`, which is exact for 8-bit files (16-bit files are rounded to 8 bits: every
+benchmark here is distributed as 8-bit PNG/JPEG).
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ from etils import epath
 import tensorflow_datasets as tfds
 from PIL import Image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+from jaxdeblur import io as jaxdeblur_io
+
+IMAGE_SUFFIXES = jaxdeblur_io.IMAGE_EXTENSIONS
 _MAX_LISTED = 20
 
 
@@ -80,10 +83,7 @@ class Pair:
 def list_image_files(directory: pathlib.Path) -> list[pathlib.Path]:
     """Image files directly inside `directory`, sorted by name (empty if it is absent)."""
     directory = pathlib.Path(directory)
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return jaxdeblur_io.list_images(directory) if directory.is_dir() else []
 
 
 def match_by_name(blurry_files: Sequence[pathlib.Path], sharp_dir: pathlib.Path,
@@ -105,38 +105,20 @@ def format_list(items: Sequence[str]) -> str:
 
 
 def read_image_uint8(path: pathlib.Path, channels: int) -> np.ndarray:
-    """Reads an image file as `(H, W, channels)` uint8.
+    """Reads an image file as `(H, W, channels)` uint8 through `jaxdeblur.io.read_image`.
 
-    Grayscale files are repeated to 3 channels when `channels == 3`, an alpha channel is
-    dropped, and RGB files are converted to luma (ITU-R 601, PIL's "L") when `channels == 1`.
+    `round(255 x)` of the float image: exact for 8-bit files; grayscale is repeated to 3
+    channels when `channels == 3`, colour becomes BT.601 luma when `channels == 1`, alpha
+    is dropped (all as `read_image` documents).
 
     Raises:
       DatasetLayoutError: the file is missing, truncated or not an image; names the path.
     """
     try:
-        from jaxdeblur.io import ImageReadError, read_image
-    except ImportError:  # The io module is written concurrently; PIL reads the same files.
-        ImageReadError, read_image = None, None
-    errors = (OSError, ValueError) + ((ImageReadError,) if ImageReadError else ())
-    try:
-        if read_image is not None:
-            image = np.asarray(read_image(path), np.float32)
-            image = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
-        else:
-            with Image.open(path) as handle:
-                image = np.asarray(handle.convert("RGB" if channels == 3 else "L"))
-    except errors as error:
+        image = jaxdeblur_io.read_image(path, channels=channels)
+    except jaxdeblur_io.ImageReadError as error:
         raise DatasetLayoutError(f"cannot read image {path}: {error}") from error
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.shape[-1] in (2, 4):
-        image = image[..., :-1]
-    if channels == 3 and image.shape[-1] == 1:
-        image = np.repeat(image, 3, axis=-1)
-    elif channels == 1 and image.shape[-1] == 3:
-        luma = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-        image = np.round(luma).astype(np.uint8)[..., None]
-    return np.ascontiguousarray(image)
+    return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def read_kernel(path: pathlib.Path) -> np.ndarray:
@@ -157,9 +139,8 @@ def read_kernel(path: pathlib.Path) -> np.ndarray:
                 raise ValueError(f"expected one 2-D array in the .mat file, found {len(arrays)}")
             kernel = arrays[0]
         else:
-            with Image.open(path) as handle:
-                kernel = np.asarray(handle.convert("F"))
-    except (OSError, ValueError) as error:
+            kernel = jaxdeblur_io.read_image(path, channels=1)[..., 0]
+    except (OSError, ValueError) as error:  # ImageReadError is both.
         raise DatasetLayoutError(f"cannot read kernel {path}: {error}") from error
     kernel = np.clip(np.asarray(kernel, np.float64), 0.0, None)
     if kernel.ndim != 2 or kernel.sum() <= 0:
@@ -169,7 +150,8 @@ def read_kernel(path: pathlib.Path) -> np.ndarray:
 
 
 def image_size(path: pathlib.Path) -> tuple[int, int]:
-    """`(H, W)` from the file header (no decoding)."""
+    """`(H, W)` from the file header (no decoding, EXIF orientation not applied; the decoded
+    shapes are compared again while writing)."""
     try:
         with Image.open(path) as handle:
             width, height = handle.size

@@ -235,6 +235,8 @@ class _Augment(grain.transforms.RandomMap):
 
 
 class _Evaluate(grain.transforms.Map):
+    """Picklable deterministic evaluation map (centre crop, float conversion)."""
+
     def __init__(self, crop_size):
         self.crop_size = crop_size
 
@@ -265,8 +267,11 @@ def make_pipeline(source, *, batch_size: int, crop_size: int | None, seed: int,
         crop, one pass.
       num_epochs: passes over the data when training (None = forever).
       num_workers: worker processes (0 = decode and augment in this process).
-      shard_index, shard_count: this process's share of the records; default
-        `jax.process_index()` / `jax.process_count()`.
+      shard_index, shard_count: this process's share of the records
+        (`records[shard_index::shard_count]`); default `jax.process_index()` /
+        `jax.process_count()`. Shard sizes differ by at most one record, so a finite
+        (evaluation) pass can give processes different batch counts: gather the metrics
+        per process rather than stepping the processes in lock-step.
       with_kernel_field: add each record's ground-truth `kernel_field` (synthetic_blur
         only; rebuilt from its seed, `(crop, crop, k, k)` float32 per example).
       flips, rotations: enable those augmentations (training only).
@@ -277,7 +282,8 @@ def make_pipeline(source, *, batch_size: int, crop_size: int | None, seed: int,
       `(B, h, w, C)` float32 in [0, 1], `index` `(B,)` record indices in `source`, `name`
       `(B,)` bytes when the records have names, and `kernel_field` / `kernel` /
       `sharp_frames` when present. `get_state()` returns a JSON-serialisable dict and
-      `set_state(state)` resumes exactly.
+      `set_state(state)` resumes exactly, on an iterator built with the same arguments
+      (the state layout depends on `num_workers`: resume with the same worker count).
     """
     if shard_index is None or shard_count is None:
         import jax

@@ -18,7 +18,9 @@ the re-synthesis matches it to within uint8 quantisation (|Δ| <= 0.5/255), and
 `per_pixel_blur(sharp, field)` matches it to within the noise (σ) plus quantisation.
 
 Train and test tiles come from disjoint source photographs (`SyntheticBlurConfig.
-train_sources` / `test_sources`). Build time (default config, 2-core CPU): about a minute.
+train_sources` / `test_sources`). Build time, default config (82 tiles of 256²): 30 s of
+CPU time (25 s user + 5 s system; 2 min 22 s wall on the shared 2-core development machine
+at load average 24); `tiny`: ~15 s wall, mostly jit compilation. On disk: 21 MB (default).
 
     python -m data_pipelines.build synthetic_blur --data_dir ~/tfds
     python -m data_pipelines.build synthetic_blur --config tiny --data_dir /tmp/tfds

@@ -280,7 +280,7 @@ def conv(image: jax.Array, kernel: jax.Array, *, boundary: str = "zeros",
     Example:
       >>> x = jnp.zeros((8, 8, 3)).at[4, 4].set(1.0)
       >>> k = jnp.arange(9.0).reshape(3, 3)
-      >>> float(conv(x, k)[3, 3, 0])  # correlation: the pixel at +(1,1) meets k[2, 2]
+      >>> round(float(conv(x, k)[3, 3, 0]), 4)  # correlation: x[p + (1, 1)] meets k[2, 2]
       8.0
     """
     _check_choice("boundary", boundary, BOUNDARIES)

@@ -39,8 +39,9 @@ from typing import Any
 
 import numpy as np
 
+from jaxdeblur.io import IMAGE_EXTENSIONS as IMAGE_SUFFIXES
+
 PROG = "jaxdeblur"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 CONVERTED_META = "jaxdeblur.json"
 
 
@@ -162,25 +163,41 @@ def check_readable(inputs: Sequence[pathlib.Path]) -> None:
 
 
 def read_photo(path: pathlib.Path):
-    """Reads an image (EXIF orientation applied) and its info; CLIError if unreadable."""
+    """Reads a photo with its alpha channel last, upright (EXIF orientation applied).
+
+    Returns:
+      ``(image, info)``: ``image`` ``(H, W, C)`` float32 in [0, 1] with C = 1 (gray),
+      2 (gray + alpha), 3 (RGB) or 4 (RGBA); ``info`` the file's `jaxdeblur.io.ImageInfo`.
+
+    Raises:
+      CLIError: the file cannot be read as an image.
+    """
     from jaxdeblur import io
 
     try:
-        return io.read_image(path), io.read_image_info(path)
+        image, alpha = io.read_image(path, return_alpha=True)
+        info = io.read_image_info(path)
     except (io.ImageReadError, OSError, ValueError) as err:
         raise CLIError(f"cannot read {path}: {err}") from err
+    if alpha is not None:
+        image = np.concatenate([image, np.asarray(alpha, np.float32)[..., None]], axis=-1)
+    return image, info
+
+
+def output_bit_depth(path: pathlib.Path, info) -> int:
+    """16 for 16-bit (and 32-bit float) inputs written as PNG/TIFF, else 8."""
+    if info.bit_depth >= 16 and path.suffix.lower() in (".png", ".tif", ".tiff"):
+        return 16
+    return 8
 
 
 def write_photo(path: pathlib.Path, image: np.ndarray, info) -> None:
-    """Writes ``image`` with the input's bit depth (16 stays 16 where the format allows)."""
+    """Writes ``image`` (alpha last) with the input's bit depth where the format allows."""
     from jaxdeblur import io
 
-    bit_depth = 16 if getattr(info, "bit_depth", 8) == 16 else 8
-    if bit_depth == 16 and path.suffix.lower() not in (".png", ".tif", ".tiff"):
-        bit_depth = 8
     try:
-        io.write_image(path, image, bit_depth=bit_depth)
-    except OSError as err:
+        io.write_image(path, image, bit_depth=output_bit_depth(path, info))
+    except (OSError, ValueError) as err:
         raise CLIError(f"cannot write {path}: {err}") from err
 
 
@@ -796,7 +813,7 @@ examples:
   jaxdeblur deblur photo.jpg --method mcem --output out/ --figures
 
   # A quicker, smaller MCEM run (every config field can be overridden):
-  jaxdeblur deblur photo.png --method mcem --set em_iterations=100 --set grid=(2,2) -o out/
+  jaxdeblur deblur photo.png --method mcem --set em_iterations=100 --set 'grid=(2,2)' -o out/
 
   # UFPNet with converted official weights on a folder, 768-px tiles, on the GPU:
   jaxdeblur convert UFPNet-GoPro.pth weights/ufpnet-gopro
@@ -814,7 +831,7 @@ examples:
       --grid 4 6 -o kernels/
 
   # MCEM's per-cell kernels (its filter-flow grid, config.grid):
-  jaxdeblur kernels photo.jpg --method mcem --set grid=(3,4) -o kernels/
+  jaxdeblur kernels photo.jpg --method mcem --set 'grid=(3,4)' -o kernels/
 """
 
 _CONVERT_EXAMPLE = """\

@@ -150,11 +150,25 @@ def _expected_flow_shapes(kernel_size: int, n_blocks: int, hidden_size: int,
     return shapes
 
 
+def select_prefix(state_dict: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """The entries whose names start with ``prefix``, with the prefix removed.
+
+    For example ``select_prefix(ufpnet_state_dict, "flow.")`` is the flow prior embedded in
+    a UFPNet checkpoint.
+    """
+    selected = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not selected:
+        raise ValueError(f"no state-dict entries start with {prefix!r} (first keys: "
+                         f"{sorted(state_dict)[:5]})")
+    return selected
+
+
 def flow_variables_from_state_dict(state_dict: Mapping[str, np.ndarray], *,
                                    kernel_size: int | None = None,
                                    n_blocks: int | None = None,
                                    hidden_size: int | None = None,
-                                   n_hidden: int | None = None) -> dict[str, Any]:
+                                   n_hidden: int | None = None,
+                                   prefix: str = "") -> dict[str, Any]:
     """Official ``KernelPrior`` state dict -> `jaxdeblur.flow.KernelFlow` variables.
 
     Mapping (i = block, j = layer of the MLP):
@@ -172,6 +186,8 @@ def flow_variables_from_state_dict(state_dict: Mapping[str, np.ndarray], *,
       state_dict: ``{torch name: array}`` (see `load_state_dict`).
       kernel_size, n_blocks, hidden_size, n_hidden: the expected configuration; each one
         left as None is inferred from the checkpoint.
+      prefix: take only the keys starting with it, stripped (``"flow."`` for the prior
+        inside a UFPNet checkpoint); other keys are then ignored.
 
     Returns:
       ``{"params": ..., "batch_stats": ...}`` with float32 numpy arrays.
@@ -180,6 +196,8 @@ def flow_variables_from_state_dict(state_dict: Mapping[str, np.ndarray], *,
       ValueError: missing/unexpected keys, shape mismatches ("checkpoint from another
         config"), or buffers the flow does not model (masks, normalisation, base).
     """
+    if prefix:
+        state_dict = select_prefix(state_dict, prefix)
     inferred = flow_config_from_state_dict(state_dict)
     config = {"kernel_size": kernel_size, "n_blocks": n_blocks, "hidden_size": hidden_size,
               "n_hidden": n_hidden}

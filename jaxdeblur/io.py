@@ -262,7 +262,8 @@ def _decode_tiff(path) -> _Decoded:
                              "expected gray or RGB with optional alpha")
     color, alpha = _split_samples(samples, scale, has_alpha)
     if photometric == "MINISWHITE":
-        color = (1.0 if scale != 1.0 or depth == 1 else color.max()) - color
+        # 0 is white: invert to the usual black-is-zero convention (floats assumed in [0, 1]).
+        color = 1.0 - color
     color, alpha = _orient(color, orientation), _orient(alpha, orientation)
     info = ImageInfo(color.shape[0], color.shape[1], color.shape[-1], has_alpha, depth,
                      f"tiff:{dtype}x{count}", "TIFF", orientation)
@@ -311,7 +312,6 @@ def _decode(path) -> _Decoded:
             image_format = image.format
             orientation = int(image.getexif().get(0x0112, 1) or 1)
             if header is not None and header[2] == 16 and header[3] != 0:
-                image.verify()
                 samples = _decode_png16(path, data)
                 count = samples.shape[-1]
                 color, alpha = _split_samples(samples, 65535.0, count in (2, 4))
@@ -382,9 +382,32 @@ def read_image_info(path) -> ImageInfo:
     """The `ImageInfo` of an image file (size, channels, alpha, bit depth, mode, orientation).
 
     The pixels are decoded too, so a corrupt file raises `ImageReadError` here as in
-    `read_image`.
+    `read_image`. To get pixels and metadata from one decode, use `load_image`.
     """
     return _decode(path).info
+
+
+class LoadedImage(NamedTuple):
+    """Pixels, alpha and metadata of one file (`load_image`)."""
+    image: np.ndarray
+    alpha: np.ndarray | None
+    info: ImageInfo
+
+
+def load_image(path, *, channels=None) -> LoadedImage:
+    """`read_image` with ``return_alpha=True`` and `read_image_info` in one decode.
+
+    Args:
+      path: file path.
+      channels: None, 1 or 3, as in `read_image`.
+
+    Returns:
+      `LoadedImage` ``(image (H, W, C) float32, alpha (H, W) float32 or None, info)``.
+    """
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be None, 1 or 3, got {channels!r}")
+    decoded = _decode(path)
+    return LoadedImage(_convert_channels(decoded.color, channels), decoded.alpha, decoded.info)
 
 
 def _quantize(values: np.ndarray, bit_depth: int) -> np.ndarray:

@@ -80,7 +80,7 @@ def sample_kernel_field(kernel_field, grid: tuple[int, int]) -> tuple[np.ndarray
 
 
 def kernel_field_figure(image, kernels, centres, path, *, title: str | None = None,
-                        width_px: int = 900, inset_fraction: float = 0.85) -> pathlib.Path:
+                        width_px: int = 900, inset_fraction: float = 0.6) -> pathlib.Path:
     """Draws estimated blur kernels as small insets on the photo at the points they act.
 
     Each kernel is shown normalised to its own maximum (shape, not mass, is what the eye
@@ -115,7 +115,7 @@ def kernel_field_figure(image, kernels, centres, path, *, title: str | None = No
     if title:
         fig.suptitle(title, fontsize=11, y=1.0 - 0.5 * title_px / (fig.get_figheight() * _DPI),
                      va="center")
-    spacing = _min_spacing(centres, default=min(height, width))
+    spacing = _min_spacing(centres, default=0.5 * min(height, width))
     side = max(inset_fraction * spacing, 2.0)
     ax.set_xlim(-0.5, width - 0.5)
     ax.set_ylim(height - 0.5, -0.5)

@@ -106,3 +106,14 @@ def test_flatten_unflatten_round_trip():
     assert sorted(flat) == ["params/a/b", "params/c"]
     back = convert.unflatten_variables(flat)
     np.testing.assert_array_equal(back["params"]["a"]["b"], tree["params"]["a"]["b"])
+
+
+def test_flow_inside_a_ufpnet_checkpoint(state_dict):
+    data = load_fixture("ufpnet_tiny.npz")
+    ufpnet = {k[len("param/"):]: v for k, v in data.items() if k.startswith("param/")}
+    variables = convert.flow_variables_from_state_dict(ufpnet, prefix="flow.")
+    assert convert.flow_config_from_state_dict(convert.select_prefix(ufpnet, "flow.")) == {
+        "kernel_size": 19, "n_blocks": 5, "hidden_size": 25, "n_hidden": 1}
+    assert variables["params"]["coupling_0"]["s_net"]["Dense_0"]["kernel"].shape == (361, 25)
+    with pytest.raises(ValueError, match="no state-dict entries"):
+        convert.select_prefix(ufpnet, "kernel_prior.")

@@ -310,3 +310,18 @@ def test_command_line(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"prepared {data}/paired_folder/1.0.0" in result.stdout
     assert len(pipeline.load_split("paired_folder", "train", data)) == 3
+
+
+def test_dataset_dir_resolves_configs_and_versions(tmp_path):
+    for folder in ("synthetic_blur/default/1.0.0", "synthetic_blur/default/1.10.0",
+                   "synthetic_blur/tiny/1.2.0", "gopro/1.0.0"):
+        (tmp_path / folder).mkdir(parents=True)
+    assert pipeline.dataset_dir("gopro", tmp_path) == tmp_path / "gopro/1.0.0"
+    assert pipeline.dataset_dir("synthetic_blur", tmp_path, config="default") == \
+        tmp_path / "synthetic_blur/default/1.10.0"
+    assert pipeline.dataset_dir("synthetic_blur", tmp_path, config="default",
+                                version="1.0.0") == tmp_path / "synthetic_blur/default/1.0.0"
+    with pytest.raises(FileNotFoundError, match=r"configs \['default', 'tiny'\]; pass config="):
+        pipeline.dataset_dir("synthetic_blur", tmp_path)
+    with pytest.raises(FileNotFoundError, match="no prepared version 2.0.0"):
+        pipeline.dataset_dir("gopro", tmp_path, version="2.0.0")

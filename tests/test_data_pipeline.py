@@ -13,6 +13,7 @@ from data_pipelines import pipeline
 from jaxdeblur import blur
 
 H, W, K = 20, 24, 5  # Non-square so that quarter turns change the shape.
+CROP = 14  # One crop size everywhere: one compilation of the re-blur.
 QUANTISATION = 0.5 / 255 + 1e-5
 
 
@@ -58,12 +59,12 @@ def _interior_mismatch(blurry, sharp_uint8, field, margin=K // 2):
 def test_every_rigid_transform_keeps_the_triple_aligned(flip_vertical, flip_horizontal,
                                                         quarter_turns):
     record = _records()[0]
-    out = pipeline.transform_example(record, top=3, left=5, crop_size=14,
+    out = pipeline.transform_example(record, top=3, left=5, crop_size=CROP,
                                      flip_vertical=flip_vertical,
                                      flip_horizontal=flip_horizontal,
                                      quarter_turns=quarter_turns)
-    assert out["blurry"].shape == out["sharp"].shape == (14, 14, 3)
-    assert out["kernel_field"].shape == (14, 14, K, K)
+    assert out["blurry"].shape == out["sharp"].shape == (CROP, CROP, 3)
+    assert out["kernel_field"].shape == (CROP, CROP, K, K)
     mismatch = _interior_mismatch(out["blurry"] / 255.0, out["sharp"], out["kernel_field"])
     assert mismatch <= QUANTISATION
     expected_kernel = np.rot90(record["kernel"][::-1 if flip_vertical else 1,
@@ -99,22 +100,22 @@ def test_uncropped_rotation_of_whole_images():
 
 def test_pipeline_batches_are_aligned_float_and_deterministic():
     source = _records()
-    batches = pipeline.make_pipeline(source, batch_size=2, crop_size=12, seed=3,
+    batches = pipeline.make_pipeline(source, batch_size=2, crop_size=CROP, seed=3,
                                      shard_index=0, shard_count=1)
     first = [next(batches) for _ in range(4)]
     for batch in first:
-        assert batch["blurry"].shape == (2, 12, 12, 3) and batch["blurry"].dtype == np.float32
-        assert batch["kernel_field"].shape == (2, 12, 12, K, K)
+        assert batch["blurry"].shape == (2, CROP, CROP, 3) and batch["blurry"].dtype == np.float32
+        assert batch["kernel_field"].shape == (2, CROP, CROP, K, K)
         assert 0.0 <= batch["sharp"].min() and batch["sharp"].max() <= 1.0
         for b in range(2):
             sharp_uint8 = np.round(batch["sharp"][b] * 255)
             assert _interior_mismatch(batch["blurry"][b], sharp_uint8,
                                       batch["kernel_field"][b]) <= QUANTISATION
-    again = pipeline.make_pipeline(source, batch_size=2, crop_size=12, seed=3,
+    again = pipeline.make_pipeline(source, batch_size=2, crop_size=CROP, seed=3,
                                    shard_index=0, shard_count=1)
     for batch, repeat in zip(first, again):
         np.testing.assert_array_equal(batch["blurry"], repeat["blurry"])
-    other = next(pipeline.make_pipeline(source, batch_size=2, crop_size=12, seed=4,
+    other = next(pipeline.make_pipeline(source, batch_size=2, crop_size=CROP, seed=4,
                                         shard_index=0, shard_count=1))
     assert not np.array_equal(first[0]["blurry"], other["blurry"])
 

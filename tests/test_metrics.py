@@ -101,6 +101,40 @@ def test_shift_search_recovers_a_subpixel_shift():
     assert np.isinf(unshifted[0]) and np.all(np.asarray(unshifted[1]) == 0.0)
 
 
+def _brute_force_shift_search(x, y, crop, max_shift, step):
+    """The exhaustive loop of comp_upto_shift.m, in float64."""
+    height, width = x.shape[:2]
+    reference = y[crop:height - crop, crop:width - crop].astype(np.float64)
+    source = np.pad(x.astype(np.float64), ((0, 1), (0, 1), (0, 0)), mode="edge")
+    best_ssd, best_shift = np.inf, None
+    shifts = np.arange(-max_shift, max_shift + 1e-9, step)
+    for sy in shifts:
+        for sx in shifts:
+            iy, ix = int(np.floor(crop + sy)), int(np.floor(crop + sx))
+            fy, fx = crop + sy - iy, crop + sx - ix
+            window = source[iy:iy + reference.shape[0] + 1, ix:ix + reference.shape[1] + 1]
+            rows = (1 - fy) * window[:-1] + fy * window[1:]
+            moved = (1 - fx) * rows[:, :-1] + fx * rows[:, 1:]
+            ssd = np.sum((moved - reference) ** 2)
+            if ssd < best_ssd:
+                best_ssd, best_shift = ssd, (sy, sx)
+    return 10 * np.log10(reference.size / best_ssd), best_shift
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_shift_search_matches_the_exhaustive_loop(seed):
+    rng = np.random.default_rng(seed)
+    sharp = _smooth_image(seed + 20, (40, 44, 3))
+    shift = rng.uniform(-2, 2, 2)
+    estimate = ndimage.shift(sharp, (shift[0], shift[1], 0), order=3, mode="nearest")
+    estimate = np.clip(estimate + 0.01 * rng.normal(size=sharp.shape), 0, 1).astype(np.float32)
+    expected, expected_shift = _brute_force_shift_search(estimate, sharp, 8, 3, 0.25)
+    value, found = jax.jit(functools.partial(metrics.shift_searched_psnr, crop=8, max_shift=3,
+                                             return_shift=True))(estimate, sharp)
+    np.testing.assert_allclose(found, expected_shift)
+    np.testing.assert_allclose(value, expected, atol=1e-3)
+
+
 def test_shift_search_y_channel_uses_matlab_luma():
     rgb = _smooth_image(6, (48, 48, 3))
     y = metrics.rgb_to_y(rgb)
@@ -125,6 +159,24 @@ def test_kohler_psnr_finds_scale_translation_and_frame():
         metrics.kohler_psnr(estimate, frames[:, :20])
 
 
+def test_kohler_psnr_matches_the_exhaustive_loop():
+    rng = np.random.default_rng(12)
+    frames = np.stack([_smooth_image(s, (30, 34, 3)) for s in (13, 14)])
+    estimate = np.clip(0.9 * np.roll(frames[0], (1, -2), axis=(0, 1))
+                       + 0.05 * rng.normal(size=frames[0].shape), 0, 1).astype(np.float32)
+    gray = lambda a: a.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    interior = gray(estimate)[3:-3, 3:-3]
+    best = np.inf
+    for frame in frames:
+        for dy in range(7):
+            for dx in range(7):
+                window = gray(frame)[dy:dy + 24, dx:dx + 28]
+                scale = np.sum(interior * window) / np.sum(interior * interior)
+                best = min(best, np.mean((scale * interior - window) ** 2))
+    value = jax.jit(functools.partial(metrics.kohler_psnr, max_shift=3))(estimate, frames)
+    np.testing.assert_allclose(value, -10 * np.log10(best), atol=1e-3)
+
+
 def test_realblur_alignment_undoes_translation_and_gain():
     gt = _smooth_image(10, (72, 80, 3))
     shift = (1.5, -0.75)
@@ -142,7 +194,26 @@ def test_realblur_alignment_undoes_translation_and_gain():
 
 def test_realblur_of_identical_images_keeps_the_identity():
     gt = _smooth_image(11, (48, 48, 3))
-    aligned, reference, mask, warp = metrics.realblur_align(gt, gt, n_iter=5)
+    aligned, reference, mask, warp = jax.jit(functools.partial(
+        metrics.realblur_align, n_iter=5))(gt, gt)
     np.testing.assert_allclose(warp, np.eye(3), atol=1e-5)
     np.testing.assert_allclose(mask, 1.0)
     np.testing.assert_allclose(aligned, reference, atol=1e-5)
+
+
+def test_realblur_scores_follow_the_official_formulas_on_the_aligned_images():
+    gt = _smooth_image(15, (48, 52, 3))
+    deblurred = 0.95 * ndimage.shift(gt, (0.5, -0.5, 0), order=3, mode="reflect")
+    align = jax.jit(functools.partial(metrics.realblur_align, n_iter=20))
+    score = jax.jit(functools.partial(metrics.realblur_psnr_ssim, n_iter=20))
+    aligned, reference, mask, _ = [np.asarray(a, np.float64) for a in align(deblurred, gt)]
+    psnr, ssim = score(deblurred, gt)
+    # evaluate_RealBlur.py's compute_psnr and compute_ssim, on our aligned images.
+    expected_psnr = 10 * np.log10(1 / (np.sum((reference - aligned) ** 2) / np.sum(mask)))
+    _, ssim_map = skmetrics.structural_similarity(
+        reference, aligned, channel_axis=-1, gaussian_weights=True,
+        use_sample_covariance=False, data_range=1.0, full=True)
+    ssim_map = (ssim_map * mask)[5:-5, 5:-5]
+    expected_ssim = np.mean(ssim_map.sum((0, 1)) / mask[5:-5, 5:-5].sum((0, 1)))
+    np.testing.assert_allclose(psnr, expected_psnr, atol=1e-3)
+    np.testing.assert_allclose(ssim, expected_ssim, atol=1e-4)

@@ -172,3 +172,40 @@ def test_compiled_tile_function_is_reused_across_calls():
         out = tiling.tiled_apply(double, image, tile=32, overlap=16, multiple=8)
         np.testing.assert_allclose(out, 2.0 * image, atol=1e-6)
     assert len(traces) == 1  # one trace for every tile of every image
+
+
+_MEMORY_SCRIPT = """
+import resource, sys
+import jax.numpy as jnp, numpy as np
+from jaxdeblur import tiling
+def blur3(tile):
+    padded = jnp.pad(tile, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    return sum(padded[i:i + tile.shape[0], j:j + tile.shape[1]]
+               for i in range(3) for j in range(3)) / 9.0
+warm = tiling.tiled_apply(blur3, np.zeros((64, 64, 3), np.float32), tile=512, overlap=64)
+start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+image = np.random.default_rng(0).uniform(size=(3000, 4000, 3)).astype(np.float32)
+out = tiling.tiled_apply(blur3, image, tile=512, overlap=64)
+assert out.shape == image.shape
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024)
+"""
+
+
+def test_memory_of_a_4000x3000_tiled_inference_is_bounded():
+    """Peak RSS growth of a 4000x3000 RGB tiled inference (512-px tiles): the input image
+    (137 MB) + the three buffers of tiled_apply (321 MB) + one tile batch; bound 600 MB,
+    the figure stated in the README (whole-image inference compiles to 2.8 GB even for the
+    small conv net of benchmarks/tiled_inference.py)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True,
+                            text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    growth_mb = float(result.stdout.strip().splitlines()[-1])
+    print(f"peak RSS growth of a 4000x3000 tiled inference: {growth_mb:.0f} MB")
+    assert growth_mb < 600

@@ -147,6 +147,17 @@ def plot_kernels(kernels: np.ndarray, path: pathlib.Path, title: str = "") -> No
 def train(config, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last evaluation metrics."""
     workdir = pathlib.Path(workdir)
+    # Ctrl-C and SIGTERM (pre-emption, `kill`) stop the loop between steps, never inside
+    # one: the step donates its input state, so an exception there could leave nothing
+    # valid to save.
+    stop = []
+
+    def request_stop(signum, frame):
+        del frame
+        stop.append(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, request_stop)
     module = flow_lib.KernelFlow(**config.model.to_dict())
     root_key = jax.random.key(config.seed)
     init_key, train_key = jax.random.split(root_key)
@@ -185,17 +196,6 @@ def train(config, workdir: str) -> dict:
                            eval_seed=config.eval_seed)
         return metrics
 
-    # Ctrl-C and SIGTERM (pre-emption, `kill`) stop the loop between steps, never inside
-    # one: the step donates its input state, so an exception there could leave nothing
-    # valid to save.
-    stop = []
-
-    def request_stop(signum, frame):
-        del frame
-        stop.append(signum)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, request_stop)
     metrics: dict = {}
     bar = logging_lib.progress(total=config.num_steps, initial=start, desc="flow prior")
     try:

@@ -433,6 +433,26 @@ class UFPNet(nn.Module):
         restored = self.restore(padded, kernel_field)
         return kernel_field[:, :h, :w], restored[:, :h, :w]
 
+    def init_trainable(self, blurry: jax.Array) -> jax.Array:
+        """Touches the KE-Net and the backbone but not the flow (for ``init``).
+
+        Training replaces the flow with a pretrained one anyway, and initialising a fresh
+        flow through the uncertainty path costs minutes of XLA:CPU compile time. Use
+        ``model.init(key, blurry, method=UFPNet.init_trainable)`` and add the flow's
+        variables under ``params/flow`` and ``batch_stats/flow``.
+
+        Args:
+            blurry: (B, H, W, C) with sides multiples of ``2**len(enc_blk_nums)``.
+
+        Returns:
+            (B, H, W, C) the restored images for a zero kernel field.
+        """
+        self._check_input(blurry)
+        self.kernel_extra(blurry)
+        b, h, w, _ = blurry.shape
+        k = self.kernel_size
+        return self.restore(blurry, jnp.zeros((b, h, w, k, k), blurry.dtype))
+
     def _check_input(self, blurry: jax.Array) -> None:
         if blurry.ndim != 4:
             raise ValueError(f"UFPNet expects a (B, H, W, C) batch, got shape {blurry.shape}")

@@ -68,4 +68,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.warmup_iterations = 150
     c.log_every = 10
     c.checkpoint_every = 50
+
+    # The synthetic example of train_scripts/mcem.py without image arguments.
+    c.synthetic = ml_collections.ConfigDict()
+    c.synthetic.size = 256
+    c.synthetic.kernel_size = 15
+    c.synthetic.max_angle_deg = 1.0
+    c.synthetic.noise_sigma = 0.01
+    c.synthetic.seed = 1
     return c
