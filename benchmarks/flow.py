@@ -248,8 +248,8 @@ def main() -> None:
     to_kernel = jax.jit(lambda v, z: module.apply(v, z, method="latent_to_kernel"))
     log_prob = jax.jit(lambda v, k: module.apply(v, k, method="log_prob"))
     kernels = to_kernel(variables, z).block_until_ready()
-    z_t = torch.from_numpy(np.asarray(z))
-    k_t = torch.from_numpy(np.asarray(kernels))
+    z_t = torch.from_numpy(np.array(z))
+    k_t = torch.from_numpy(np.array(kernels))
 
     with torch.no_grad():
         def torch_to_kernel():

@@ -77,7 +77,7 @@ def bench(name: str, args) -> list[dict]:
     rows = []
     model = ke_lib.make_model(config)
     flow_variables = ke_lib.load_flow_variables(config)
-    variables = ke_lib.init_variables(model, jax.random.key(0), flow_variables, 32)
+    variables = ke_lib.init_variables(model, 0, flow_variables)
     n_params = sum(x.size for x in jax.tree.leaves(variables["params"]))
     optimizer = train_lib.make_optimizer(config.stage3)
     state = train_lib.init_state(config, model, flow_variables,

@@ -400,7 +400,9 @@ def _scatter_rows(kernel_field, cotangent):
 
 
 def _kernel_field_gradient(padded, cotangent, kernel_hw):
-    """Gradient of `<_gather_rows(padded, K), ȳ>` in K: K̄_p[i, j] = Σ_c x_pad[p+(i,j), c] ȳ[p, c].
+    """Gradient in K of `<_gather_rows(padded, K), ȳ>`.
+
+    K̄_p[i, j] = Σ_c x_pad[p + (i, j), c] · ȳ[p, c]
 
     Args:
       padded: (H + kh - 1, W + kw - 1, C).

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -562,6 +563,7 @@ class _Stepper:
     def __init__(self, model: MCEMModel, sharding: Any = None):
         cfg = model.config
         self.model = model
+        self.sharding = sharding
         self.e_chunk = resolve_chunk(cfg.e_step_chunk, cfg.e_step_steps)
         self.m_chunk = resolve_chunk(cfg.m_step_chunk, cfg.m_step_steps)
         out = {} if sharding is None else {"out_shardings": sharding}
@@ -599,6 +601,24 @@ class _Stepper:
 
     def result(self, state, blurry, uniform):
         return self._result[uniform](state, blurry)
+
+
+_STEPPERS: dict = {}
+
+
+def _stepper(batch_shape: tuple, config: Any, mesh: Any) -> _Stepper:
+    """Compiled steps, reused across calls with the same image size, config and mesh."""
+    settings = json.dumps(config.to_dict() if hasattr(config, "to_dict") else dict(config),
+                          sort_keys=True, default=str)
+    cache_key = (batch_shape, settings, mesh)
+    if cache_key not in _STEPPERS:
+        sharding = None
+        if mesh is not None:
+            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        if len(_STEPPERS) >= 8:
+            _STEPPERS.pop(next(iter(_STEPPERS)))
+        _STEPPERS[cache_key] = _Stepper(build_model(batch_shape[1:], config), sharding)
+    return _STEPPERS[cache_key]
 
 
 def deblur(
@@ -646,16 +666,15 @@ def deblur(
         raise ValueError(f"deblur expects (H, W, C) or (B, H, W, C), got {blurry.shape}")
     if not bool(jnp.all(jnp.isfinite(blurry))):
         raise ValueError("the blurry image contains NaN or infinite values")
-    model = build_model(blurry.shape[1:], config)
+    stepper = _stepper(tuple(blurry.shape), config, mesh)
+    model = stepper.model
     keys = _raw_key(key)
     keys = keys[None] if single else keys
     if keys.shape[0] != blurry.shape[0]:
         raise ValueError(f"need one key per image: got {keys.shape[0]} keys for "
                          f"{blurry.shape[0]} images")
-    sharding = None
-    if mesh is not None:
-        from jax.sharding import NamedSharding, PartitionSpec
-        sharding = NamedSharding(mesh, PartitionSpec("data"))
+    sharding = stepper.sharding
+    if sharding is not None:
         blurry = jax.device_put(blurry, sharding)
     if state is None:
         # Eager per-image initialisation: compiling the vmapped initialisers (threefry and
@@ -664,7 +683,6 @@ def deblur(
                              *[init_state(model, key=k) for k in keys])
     if sharding is not None:
         state = jax.device_put(state, sharding)
-    stepper = _Stepper(model, sharding)
     history = []
     start = int(np.asarray(state.iteration).reshape(-1)[0])
     for it in range(start, config.em_iterations):

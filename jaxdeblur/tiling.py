@@ -208,6 +208,39 @@ def pad_to_multiple(image, multiple: int, *, mode: str = "reflect") -> np.ndarra
     return np.pad(image, widths, mode=mode)
 
 
+def _padded_indices(start: int, length: int, size: int, mode: str) -> np.ndarray:
+    """Source indices of canvas positions ``start .. start + length`` for a bottom/right
+    padding of an axis of ``size`` samples (numpy's "reflect", "symmetric" or "edge")."""
+    index = np.arange(start, start + length)
+    beyond = index >= size
+    if mode == "reflect":
+        index = np.where(beyond, 2 * (size - 1) - index, index)
+    elif mode == "symmetric":
+        index = np.where(beyond, 2 * size - 1 - index, index)
+    return np.clip(index, 0, size - 1)
+
+
+def _tile_reader(image: np.ndarray, grid: TileGrid, pad_mode: str):
+    """``read(y, x) -> (th, tw, C)`` tile of the padded canvas, without building the canvas
+    for the index-based modes (a padded copy would add one image-sized buffer)."""
+    (th, tw), (height, width) = grid.tile_shape, image.shape[:2]
+    pad_h, pad_w = grid.padded_shape[0] - height, grid.padded_shape[1] - width
+    if pad_mode == "reflect" and (pad_h >= height or pad_w >= width):
+        pad_mode = "symmetric"  # as `pad_to_multiple`
+    if pad_mode not in ("reflect", "symmetric", "edge"):
+        canvas = np.pad(image, [(0, pad_h), (0, pad_w), (0, 0)], mode=pad_mode)
+        return lambda y, x: canvas[y:y + th, x:x + tw]
+
+    def read(y: int, x: int) -> np.ndarray:
+        if y + th <= height and x + tw <= width:
+            return image[y:y + th, x:x + tw]
+        rows = _padded_indices(y, th, height, pad_mode)
+        cols = _padded_indices(x, tw, width, pad_mode)
+        return image[np.ix_(rows, cols)]
+
+    return read
+
+
 def tiled_apply(fn: Callable[..., Any], image, *, tile, overlap: int, multiple: int = 16,
                 margin: int | None = None, batch_size: int = 1, pad_mode: str = "reflect",
                 key: jax.Array | None = None, compile_fn: bool = True,
@@ -250,7 +283,7 @@ def tiled_apply(fn: Callable[..., Any], image, *, tile, overlap: int, multiple: 
             f"batch_size must be >= 1 (and 1 when compile_fn=False), got {batch_size}")
     grid = plan_tiles(image.shape, tile=tile, overlap=overlap, multiple=multiple,
                       margin=margin)
-    canvas = pad_to_multiple(image, multiple, mode=pad_mode)
+    read_tile = _tile_reader(image, grid, pad_mode)
     (th, tw), origins = grid.tile_shape, grid.origins
     keys = None if key is None else [jax.random.fold_in(key, t) for t in range(len(origins))]
 
@@ -268,13 +301,12 @@ def tiled_apply(fn: Callable[..., Any], image, *, tile, overlap: int, multiple: 
     for indices in batches:
         if compile_fn:
             filled = indices + [indices[-1]] * (batch_size - len(indices))
-            tiles = np.stack([canvas[y:y + th, x:x + tw] for y, x in
-                              (origins[t] for t in filled)])
+            tiles = np.stack([read_tile(*origins[t]) for t in filled])
             args = (tiles,) if key is None else (tiles, jnp.stack([keys[t] for t in filled]))
             outputs = jax.tree.map(np.asarray, batched(*args))
         else:
             y, x = origins[indices[0]]
-            args = (canvas[y:y + th, x:x + tw],)
+            args = (read_tile(y, x),)
             args += () if key is None else (keys[indices[0]],)
             outputs = jax.tree.map(lambda a: np.asarray(a)[None], batched(*args))
         if sums is None:

@@ -465,3 +465,13 @@ def test_nan_check_is_skipped_under_jit_and_available_as_helper():
     with pytest.raises(ValueError, match="192 NaN and 0 infinite"):
         blur.check_finite("image", image)
     blur.check_finite("image", _IMAGE)
+
+
+def test_batched_gradients_under_vmap_match_a_loop():
+    images = _rand(38, (2, 7, 6, 3))
+    fields = _rand(39, (2, 7, 6, 3, 3))
+    grad = jax.grad(lambda x, k: jnp.sum(blur.per_pixel_blur(x, k) ** 2), argnums=(0, 1))
+    batched = jax.jit(jax.vmap(grad))(images, fields)
+    for b in range(2):
+        for got, want in zip(batched, grad(images[b], fields[b])):
+            np.testing.assert_allclose(got[b], want, atol=1e-5, rtol=1e-6)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdeblur import kernels
+from jaxdeblur import blur, kernels
 
 SIZE = 19
 
@@ -194,7 +194,6 @@ def test_kernel_field_rejects_bad_arguments():
 
 
 def test_synthesize_blur_adds_exactly_the_documented_noise():
-    from jaxdeblur import blur  # pylint: disable=import-outside-toplevel
     sharp = jax.random.uniform(jax.random.key(0), (24, 20, 3))
     field = jax.jit(lambda k: kernels.kernel_field(k, (24, 20), 7, n_samples=16))(
         jax.random.key(1))

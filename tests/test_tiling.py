@@ -209,3 +209,13 @@ def test_memory_of_a_4000x3000_tiled_inference_is_bounded():
     growth_mb = float(result.stdout.strip().splitlines()[-1])
     print(f"peak RSS growth of a 4000x3000 tiled inference: {growth_mb:.0f} MB")
     assert growth_mb < 600
+
+
+@pytest.mark.parametrize("mode", ["reflect", "symmetric", "edge", "constant"])
+def test_tiles_are_read_from_the_padded_canvas(mode):
+    image = _random_image((21, 37, 2), seed=5)
+    grid = tiling.plan_tiles(image.shape, tile=16, overlap=8, multiple=8)
+    read = tiling._tile_reader(image, grid, mode)
+    canvas = tiling.pad_to_multiple(image, 8, mode=mode)
+    for y, x in grid.origins:
+        np.testing.assert_array_equal(read(y, x), canvas[y:y + 16, x:x + 16])

@@ -114,12 +114,39 @@ def make_model(config, *, train_size=None) -> UFPNet:
     return UFPNet(**fields, train_size=None if train_size is None else tuple(train_size))
 
 
-def init_variables(model: UFPNet, key: jax.Array, flow_variables: dict,
-                   crop_size: int) -> dict:
-    """Random backbone and KE-Net, the pretrained flow in place of the random one."""
-    x = jnp.zeros((1, crop_size, crop_size, model.img_channel))
-    variables = jax.jit(lambda k: model.init(k, x, key=k))(key)
-    params = dict(variables["params"])
+def init_variables(model: UFPNet, seed: int, flow_variables: dict) -> dict:
+    """Random backbone and KE-Net, the pretrained flow in place of a random one.
+
+    Shapes come from ``jax.eval_shape`` (tracing only). Values are drawn with numpy:
+    convolution kernels ``N(0, 1/fan_in)`` (LeCun normal, flax's default), biases and the
+    layer scales ``beta``/``gamma`` zero, LayerNorm scales one, the ``ending`` conv zero (the
+    model's own initialisers). Measured on the 2-core development CPU, ``model.init`` under
+    ``jit`` took 50-150 s to compile for the smallest test model (threefry random bits for
+    every parameter); this takes milliseconds.
+
+    Args:
+        model: the UFPNet.
+        seed: numpy seed.
+        flow_variables: ``{"params", "batch_stats"}`` of the pretrained flow.
+
+    Returns:
+        ``{"params": {..., "flow"}, "batch_stats": {"flow"}}``.
+    """
+    mult = 2 ** len(model.enc_blk_nums)
+    x = jnp.zeros((1, mult, mult, model.img_channel))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x,
+                                               method=UFPNet.init_trainable))["params"]
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        names = [getattr(p, "key", str(p)) for p in path]
+        if names[-1] == "kernel" and names[0] != "ending":
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return jnp.asarray(rng.normal(0.0, 1.0 / np.sqrt(fan_in), leaf.shape), jnp.float32)
+        fill = 1.0 if names[-1] == "scale" else 0.0
+        return jnp.full(leaf.shape, fill, jnp.float32)
+
+    params = dict(jax.tree_util.tree_map_with_path(draw, shapes))
     params["flow"] = flow_variables["params"]
     return {"params": params, "batch_stats": {"flow": flow_variables["batch_stats"]}}
 
@@ -183,11 +210,10 @@ def make_ke_train_step(model: UFPNet, optimizer, stage2, root_key, mesh):
     return jax.jit(step_fn, out_shardings=(repl, repl), donate_argnums=(0,))
 
 
-def evaluate_kernel_estimator(model: UFPNet, ke_params, flow_variables, batches,
-                              seed: int) -> dict:
-    """Held-out reblur PSNR and, with ground truth, the mean per-pixel kernel L1 error."""
+def make_ke_eval_fn(model: UFPNet):
+    """A jitted ``(ke_params, flow_variables, batch, key) -> metrics`` for one eval batch."""
     @jax.jit
-    def one(ke_params, batch, key):
+    def one(ke_params, flow_variables, batch, key):
         kernel_field, _, _ = model.apply(ke_variables(ke_params, flow_variables),
                                          batch["blurry"], key=key,
                                          method=UFPNet.estimate_kernels)
@@ -198,9 +224,15 @@ def evaluate_kernel_estimator(model: UFPNet, ke_params, flow_variables, batches,
             out["eval_kernel_l1"] = jnp.mean(jnp.sum(jnp.abs(kernel_field - truth), (-2, -1)))
         return out
 
-    results = [one(ke_params, {k: jnp.asarray(v) for k, v in b.items()
-                               if k in ("blurry", "sharp", "kernel_field")},
-                   jax.random.fold_in(jax.random.key(seed), i))
+    return one
+
+
+def evaluate_kernel_estimator(eval_fn, ke_params, flow_variables, batches, seed: int) -> dict:
+    """Held-out reblur PSNR and, with ground truth, the mean per-pixel kernel L1 error."""
+    results = [eval_fn(ke_params, flow_variables,
+                       {k: jnp.asarray(v) for k, v in b.items()
+                        if k in ("blurry", "sharp", "kernel_field")},
+                       jax.random.fold_in(jax.random.key(seed), i))
                for i, b in enumerate(batches)]
     return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
 
@@ -211,9 +243,8 @@ def train_kernel_estimator(config, workdir, *, mesh, flow_variables) -> Any:
     stage2 = config.stage2
     mesh_lib.check_global_batch(config.batch_size, mesh)
     model = make_model(config)
-    root_key = jax.random.key(config.seed)
-    init_key, train_key = jax.random.split(root_key)
-    variables = init_variables(model, init_key, flow_variables, config.crop_size)
+    train_key = jax.random.fold_in(jax.random.key(config.seed), 2)
+    variables = init_variables(model, config.seed, flow_variables)
     ke_params = variables["params"]["kernel_extra"]
     optimizer = make_ke_optimizer(stage2)
     state = KETrainState(jnp.asarray(0, jnp.int32), ke_params, optimizer.init(ke_params))
@@ -234,12 +265,13 @@ def train_kernel_estimator(config, workdir, *, mesh, flow_variables) -> Any:
                                       resume_step=start if restored is not None else None)
     step_fn = make_ke_train_step(model, optimizer, stage2, train_key, mesh)
     eval_set = eval_batches(config, with_kernel_field=config.data.name == "synthetic_blur")
+    eval_fn = make_ke_eval_fn(model)
 
     def evaluate(step):
         if not eval_set:
             return {}
-        metrics = evaluate_kernel_estimator(model, state.ke_params, flow_variables, eval_set,
-                                            config.seed + 1)
+        metrics = evaluate_kernel_estimator(eval_fn, state.ke_params, flow_variables,
+                                            eval_set, config.seed + 1)
         writer.write(step, metrics)
         print(f"stage II step {step}: {logging_lib.format_metrics(metrics)}", flush=True)
         return metrics

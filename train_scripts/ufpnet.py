@@ -115,8 +115,7 @@ def make_train_step(model, optimizer, stage3, root_key, mesh):
 
 
 def init_state(config, model, flow_variables, ke_params, optimizer) -> TrainState:
-    init_key = jax.random.split(jax.random.key(config.seed))[0]
-    variables = ke_lib.init_variables(model, init_key, flow_variables, config.crop_size)
+    variables = ke_lib.init_variables(model, config.seed + 1, flow_variables)
     params = dict(variables["params"])
     params["kernel_extra"] = ke_params
     return TrainState(jnp.asarray(0, jnp.int32), params, variables["batch_stats"],
@@ -127,24 +126,27 @@ def _to_uint8(image) -> np.ndarray:
     return np.asarray(np.clip(np.round(np.asarray(image) * 255.0), 0, 255), np.uint8)
 
 
-def evaluate(config, state: TrainState, batches, workdir: pathlib.Path, step: int) -> dict:
+def make_restore_fn(config):
+    """Jitted ``(variables, blurry, key) -> restored`` of the evaluation model (TLC if set)."""
+    model = ke_lib.make_model(config, train_size=config.eval_tlc_train_size)
+    return jax.jit(lambda v, x, key: model.apply(v, x, key=key)[1])
+
+
+def evaluate(config, restore, state: TrainState, batches, workdir: pathlib.Path,
+             step: int) -> dict:
     """Held-out PSNR/SSIM (uint8 RGB, whole crop) of the blurry input and of the output."""
     from jaxdeblur import metrics as metrics_lib
 
-    model = ke_lib.make_model(config, train_size=config.eval_tlc_train_size)
-    restore = jax.jit(lambda v, x, key: model.apply(v, x, key=key)[1])
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     scores = {"psnr_blurry": [], "psnr": [], "ssim_blurry": [], "ssim": []}
     for i, batch in enumerate(batches):
         blurry, sharp = batch["blurry"][0], batch["sharp"][0]
         key = jax.random.fold_in(jax.random.key(config.seed + 2), i)
         restored = np.asarray(restore(variables, jnp.asarray(batch["blurry"]), key)[0])
-        b8, r8, s8 = (_to_uint8(a).astype(np.float32) / 255.0
-                      for a in (blurry, restored, sharp))
-        scores["psnr_blurry"].append(float(metrics_lib.psnr(b8, s8)))
-        scores["psnr"].append(float(metrics_lib.psnr(r8, s8)))
-        scores["ssim_blurry"].append(float(metrics_lib.ssim(b8, s8)))
-        scores["ssim"].append(float(metrics_lib.ssim(r8, s8)))
+        scores["psnr_blurry"].append(float(metrics_lib.psnr_uint8(blurry, sharp)))
+        scores["psnr"].append(float(metrics_lib.psnr_uint8(restored, sharp)))
+        scores["ssim_blurry"].append(float(metrics_lib.ssim_uint8(blurry, sharp)))
+        scores["ssim"].append(float(metrics_lib.ssim_uint8(restored, sharp)))
         if i < config.num_sample_images:
             path = workdir / "samples" / f"step_{step:07d}_{i}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +163,7 @@ def train_ufpnet(config, workdir, *, mesh, flow_variables, ke_params) -> dict:
     model = ke_lib.make_model(config)
     optimizer = make_optimizer(stage3)
     state = init_state(config, model, flow_variables, ke_params, optimizer)
-    train_key = jax.random.split(jax.random.key(config.seed))[1]
+    train_key = jax.random.fold_in(jax.random.key(config.seed), 3)
 
     it = ke_lib.train_iterator(config, seed_offset=1)
     ckpt = checkpoint_lib.CheckpointManager(
@@ -178,12 +180,13 @@ def train_ufpnet(config, workdir, *, mesh, flow_variables, ke_params) -> dict:
                                       resume_step=start if restored is not None else None)
     step_fn = make_train_step(model, optimizer, stage3, train_key, mesh)
     eval_set = ke_lib.eval_batches(config)
+    restore = make_restore_fn(config)
     summary: dict = {}
 
     def run_eval(step):
         if not eval_set:
             return
-        metrics = evaluate(config, state, eval_set, workdir, step)
+        metrics = evaluate(config, restore, state, eval_set, workdir, step)
         writer.write(step, metrics)
         print(f"stage III step {step}: {logging_lib.format_metrics(metrics)}", flush=True)
         summary.setdefault("eval_first", {"step": step, **metrics})
