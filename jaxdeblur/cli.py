@@ -378,7 +378,10 @@ def _ufpnet_fields_from_variables(variables: dict, model_config: dict) -> dict:
     enc = [k for k in params if k.startswith("encoders_")]
     dec = [k for k in params if k.startswith("decoders_")]
     levels = 1 + max(int(k.split("_")[1]) for k in enc)
-    count = lambda keys, level: sum(1 for k in keys if int(k.split("_")[1]) == level)  # noqa
+
+    def count(keys, level):
+        return sum(1 for k in keys if int(k.split("_")[1]) == level)
+
     k2 = np.shape(params["kernel_extra"]["mean2"]["kernel"])[-1]
     inferred = {"img_channel": int(intro[2]), "width": int(intro[3]),
                 "enc_blk_nums": tuple(count(enc, i) for i in range(levels)),

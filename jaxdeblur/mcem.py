@@ -604,12 +604,17 @@ class _Stepper:
 
 
 _STEPPERS: dict = {}
+# Config fields that only steer the host loop; they do not change what is compiled.
+_LOOP_FIELDS = ("seed", "em_iterations", "warmup_iterations", "log_every", "checkpoint_every",
+                "synthetic")
 
 
 def _stepper(batch_shape: tuple, config: Any, mesh: Any) -> _Stepper:
     """Compiled steps, reused across calls with the same image size, config and mesh."""
-    settings = json.dumps(config.to_dict() if hasattr(config, "to_dict") else dict(config),
-                          sort_keys=True, default=str)
+    settings = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+    for loop_only in _LOOP_FIELDS:
+        settings.pop(loop_only, None)
+    settings = json.dumps(settings, sort_keys=True, default=str)
     cache_key = (batch_shape, settings, mesh)
     if cache_key not in _STEPPERS:
         sharding = None

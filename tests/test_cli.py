@@ -49,7 +49,7 @@ def _photo(shape, seed=0):
 
 
 def write_inputs(folder: pathlib.Path, size=(24, 32)):
-    """One file per supported layout; returns {name: (mode or dtype, channels)}."""
+    """One file per supported layout; returns {name: (expected mode, pixels or None)}."""
     folder.mkdir(parents=True, exist_ok=True)
     h, w = size
     rgb8 = (_photo((h, w, 3)) * 255).round().astype(np.uint8)
@@ -64,9 +64,13 @@ def write_inputs(folder: pathlib.Path, size=(24, 32)):
     Image.fromarray(rgba).save(folder / "rgba.png")
     gray = (_photo((h, w)) * 255).round().astype(np.uint8)[..., 0]
     Image.fromarray(gray).save(folder / "gray.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: the viewer rotates the stored image 90 deg clockwise
+    Image.fromarray(rgb8).save(folder / "rotated.jpg", quality=95, exif=exif)
     return {"rgb8.png": ("RGB", rgb8), "rgb16.tif": ("RGB16", rgb16),
             "gray16.png": ("I;16", gray16),
-            "photo.jpg": ("RGB", rgb8), "rgba.png": ("RGBA", rgba), "gray.png": ("L", gray)}
+            "photo.jpg": ("RGB", rgb8), "rgba.png": ("RGBA", rgba), "gray.png": ("L", gray),
+            "rotated.jpg": ("RGB", None)}
 
 
 # --------------------------------------------------------------------------------------
@@ -178,7 +182,7 @@ def test_collect_inputs_order_and_dedup(tmp_path):
     found = cli.collect_inputs([str(tmp_path / "gray.png"), str(tmp_path),
                                 str(tmp_path / "*.jpg")])
     names = [p.name for p in found]
-    assert names[0] == "gray.png" and len(names) == len(set(names)) == 6
+    assert names[0] == "gray.png" and len(names) == len(set(names)) == 7
 
 
 # --------------------------------------------------------------------------------------
@@ -201,7 +205,19 @@ def tiny_ufpnet_checkpoint(tmp_path_factory):
 
     module = UFPNet(**TINY_UFPNET)
     key = jax.random.key(0)
-    variables = module.init({"params": key}, jnp.zeros((1, 16, 16, 3)), key=key)
+    # Shapes only (module.init of the 5.6 M-parameter KE-Net costs ~50 s of CPU); small
+    # random weights keep the flow's couplings near the identity, so outputs are finite.
+    shapes = jax.eval_shape(lambda: module.init({"params": key}, jnp.zeros((1, 16, 16, 3)),
+                                                key=key))
+    rng = np.random.default_rng(0)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if name.startswith("['batch_stats']"):  # flow running statistics: mean 0, var 1
+            return np.full(leaf.shape, 1.0 if name.endswith("['var']") else 0.0, np.float32)
+        return (0.02 * rng.standard_normal(leaf.shape)).astype(np.float32)
+
+    variables = jax.tree_util.tree_map_with_path(fill, shapes)
     folder = tmp_path_factory.mktemp("tiny_ufpnet")
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save((folder / "variables").resolve(), variables)
@@ -227,7 +243,9 @@ def test_deblur_end_to_end_keeps_size_mode_and_depth(tmp_path, tiny_ufpnet_check
             assert array.dtype == np.uint16 and array.shape == (24, 32, 3)
         else:
             with Image.open(path) as im:
-                assert im.size == (32, 24), (name, im.size)
+                # EXIF orientation is applied on reading: the result is stored upright.
+                assert im.size == ((24, 32) if name == "rotated.jpg" else (32, 24)), \
+                    (name, im.size)
                 assert im.mode == mode or (mode == "I;16" and im.mode.startswith("I")), \
                     (name, im.mode)
         for figure in ("_compare.png", "_kernels.png"):
@@ -332,3 +350,35 @@ def test_mcem_by_cells_blends_regions_and_keeps_kernels(monkeypatch):
     whole = cli.MCEMRunner(config, tile=0, overlap=16).deblur(image, key=jax.random.key(0))
     assert whole["kernels"].shape == (4, 5, 5) and whole["metrics"][-1] == {
         "step": 2, "data_fit": 0.01}
+
+
+def test_ufpnet_from_a_training_directory(tmp_path, tiny_ufpnet_checkpoint):
+    """A work directory written by jaxdeblur.train.checkpoint (the trainer's layout) loads;
+    one whose state holds another method's parameters is refused."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from jaxdeblur.train.checkpoint import CheckpointManager
+
+    variables = ocp.StandardCheckpointer().restore(
+        (tiny_ufpnet_checkpoint / "variables").resolve())
+    state = {"step": np.int32(3), "params": variables["params"],
+             "batch_stats": variables["batch_stats"], "opt_state": {"mu": np.zeros(2)}}
+    manager = CheckpointManager(tmp_path / "run", model_config=TINY_UFPNET, async_save=False)
+    manager.save(3, state)
+    manager.close()
+    module, loaded, description = cli.load_ufpnet_checkpoint(tmp_path / "run", train_size=None)
+    assert "training checkpoint" in description
+    for field, value in TINY_UFPNET.items():
+        assert getattr(module, field) == value
+    flat = jax.tree.leaves(loaded["params"])
+    assert len(flat) == len(jax.tree.leaves(variables["params"]))
+    np.testing.assert_array_equal(loaded["params"]["intro"]["kernel"],
+                                  variables["params"]["intro"]["kernel"])
+
+    other = CheckpointManager(tmp_path / "mcem_run", model_config={"name": "mcem"},
+                              async_save=False)
+    other.save(1, {"params": {"image_net": {"w": np.ones(3, np.float32)}}})
+    other.close()
+    with pytest.raises(cli.CLIError, match="holds no UFPNet parameters"):
+        cli.load_ufpnet_checkpoint(tmp_path / "mcem_run", train_size=None)

@@ -193,9 +193,10 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024)
 
 def test_memory_of_a_4000x3000_tiled_inference_is_bounded():
     """Peak RSS growth of a 4000x3000 RGB tiled inference (512-px tiles): the input image
-    (137 MB) + the three buffers of tiled_apply (321 MB) + one tile batch; bound 600 MB,
-    the figure stated in the README (whole-image inference compiles to 2.8 GB even for the
-    small conv net of benchmarks/tiled_inference.py)."""
+    (137 MB) + the two accumulators of tiled_apply (weighted sum 138 MB, weight sum 46 MB)
+    + one tile batch; bound 500 MB, the figure stated in the README (measured 412 MB;
+    whole-image inference compiles to 2.8 GB even for the small conv net of
+    benchmarks/tiled_inference.py)."""
     import os
     import pathlib
     import subprocess
@@ -208,7 +209,7 @@ def test_memory_of_a_4000x3000_tiled_inference_is_bounded():
     assert result.returncode == 0, result.stderr
     growth_mb = float(result.stdout.strip().splitlines()[-1])
     print(f"peak RSS growth of a 4000x3000 tiled inference: {growth_mb:.0f} MB")
-    assert growth_mb < 600
+    assert growth_mb < 500
 
 
 @pytest.mark.parametrize("mode", ["reflect", "symmetric", "edge", "constant"])

@@ -152,6 +152,9 @@ def test_code_to_latent_unbiased_std_and_mixing():
     z1 = U.code_to_latent(code, sigma, jnp.ones_like(code))
     np.testing.assert_allclose(np.asarray(z1 - z0), np.broadcast_to(sigma[:, None], (4, 361)),
                                atol=1e-6)
+    flat = U.code_to_latent(jnp.full((2, 361), 1 / 361), jnp.full((2,), 0.5),
+                            jnp.ones((2, 361)))
+    np.testing.assert_allclose(np.asarray(flat), 0.5, atol=1e-6)  # constant code: no NaN
     kl = U.kl_to_standard_normal(code, jnp.full((4,), 0.5))
     assert kl.shape == (4,) and np.all(np.asarray(kl) > 0)
 

@@ -199,9 +199,11 @@ def train(config, workdir: str) -> dict:
     metrics: dict = {}
     bar = logging_lib.progress(total=config.num_steps, initial=start, desc="flow prior")
     try:
-        while int(state.step) < config.num_steps and not stop:
+        # A host-side step counter: reading state.step would sync with the device every step.
+        step = start
+        while step < config.num_steps and not stop:
             state, loss = train_step(state)
-            step = int(state.step)
+            step += 1
             bar.update(1)
             if step % config.log_every == 0:
                 line = {"train_nll": loss, "lr": schedule(step - 1)}

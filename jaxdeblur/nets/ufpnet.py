@@ -161,6 +161,9 @@ class KENet(nn.Module):
         return code, sigma
 
 
+CODE_STD_FLOOR = 1e-12
+
+
 def code_to_latent(code: jax.Array, sigma: jax.Array, eps: jax.Array) -> jax.Array:
     """Uncertainty sampling of the flow latent from a kernel code (one pixel or many).
 
@@ -179,7 +182,10 @@ def code_to_latent(code: jax.Array, sigma: jax.Array, eps: jax.Array) -> jax.Arr
         raise ValueError(f"code_to_latent needs code (..., n), sigma (...), eps (..., n); got "
                          f"{code.shape}, {sigma.shape}, {eps.shape}")
     mean = jnp.mean(code, axis=-1, keepdims=True)
-    std = jnp.std(code, axis=-1, keepdims=True, ddof=1)
+    # A constant code (e.g. a pixel whose mean-branch ReLUs are all off at initialisation)
+    # has std 0; the floor turns the official 0/0 = NaN into a zero code. Real codes have
+    # std around 1e-3, far above the floor, so nothing else changes.
+    std = jnp.maximum(jnp.std(code, axis=-1, keepdims=True, ddof=1), CODE_STD_FLOOR)
     s = sigma[..., None]
     return (code - mean) / std * jnp.sqrt(1.0 - jnp.square(s)) + eps * s
 
