@@ -233,7 +233,8 @@ def test_deblur_end_to_end_keeps_size_mode_and_depth(tmp_path, tiny_ufpnet_check
     out = tmp_path / "out"
     result = run_cli("deblur", tmp_path / "in", "--method", "ufpnet", "--checkpoint",
                      tiny_ufpnet_checkpoint, "--train-size", "16", "--tile", "32",
-                     "--overlap", "16", "-o", out, "--figures", "--grid", "1", "2")
+                     "--overlap", "16", "-o", out, "--figures", "--grid", "1", "2",
+                     "--linear", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     for name, (mode, _) in expected.items():
         path = out / name

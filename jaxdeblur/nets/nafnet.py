@@ -125,7 +125,7 @@ def local_avg_pool(x: jax.Array, window: Sequence[int]) -> jax.Array:
     centred = x - offset
     pooled = _box_sum(_box_sum(centred, k1, axis=0), k2, axis=1) / (k1 * k2) + offset
     out_h, out_w = h - k1 + 1, w - k2 + 1
-    pad = ((( h - out_h) // 2, (h - out_h + 1) // 2), ((w - out_w) // 2, (w - out_w + 1) // 2),
+    pad = (((h - out_h) // 2, (h - out_h + 1) // 2), ((w - out_w) // 2, (w - out_w + 1) // 2),
            (0, 0))
     return jnp.pad(pooled, pad, mode="edge")
 

@@ -161,7 +161,7 @@ class KENet(nn.Module):
         return code, sigma
 
 
-CODE_STD_FLOOR = 1e-12
+CODE_STD_FLOOR = 1e-4  # relative to the code's mean
 
 
 def code_to_latent(code: jax.Array, sigma: jax.Array, eps: jax.Array) -> jax.Array:
@@ -183,9 +183,10 @@ def code_to_latent(code: jax.Array, sigma: jax.Array, eps: jax.Array) -> jax.Arr
                          f"{code.shape}, {sigma.shape}, {eps.shape}")
     mean = jnp.mean(code, axis=-1, keepdims=True)
     # A constant code (e.g. a pixel whose mean-branch ReLUs are all off at initialisation)
-    # has std 0; the floor turns the official 0/0 = NaN into a zero code. Real codes have
-    # std around 1e-3, far above the floor, so nothing else changes.
-    std = jnp.maximum(jnp.std(code, axis=-1, keepdims=True, ddof=1), CODE_STD_FLOOR)
+    # has std 0 and the official 0/0 gives NaN; the floor, relative to the mean, turns it
+    # into a (nearly) zero code. Real codes have std/mean of 0.03 to 0.4, far above it.
+    floor = CODE_STD_FLOOR * jnp.abs(mean) + jnp.finfo(code.dtype).tiny
+    std = jnp.maximum(jnp.std(code, axis=-1, keepdims=True, ddof=1), floor)
     s = sigma[..., None]
     return (code - mean) / std * jnp.sqrt(1.0 - jnp.square(s)) + eps * s
 
