@@ -195,7 +195,7 @@ def test_sharded_equals_unsharded_on_8_cpu_devices():
                JAX_PLATFORMS="cpu", PYTHONPATH=_REPO)
     code = _SHARDED.format(tests=os.path.join(_REPO, "tests"))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=1200)
     assert "SHARDED_OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
@@ -217,28 +217,3 @@ def test_nan_input_and_nan_data_fit():
     config = _config(sampler="sgld", step_size=1e30, em_iterations=1)
     with pytest.raises(mcem.DataFitError, match="diverged"):
         mcem.deblur(_blurry_batch(1, size=16)[0], config, key=jax.random.key(0))
-
-
-def test_recovers_uniform_line_kernel_small():
-    """A smaller version of `benchmarks/mcem.py --recovery uniform` (128², 9x9 kernel)."""
-    sys.path.insert(0, os.path.join(_REPO, "benchmarks"))
-    import skimage.data
-    import skimage.transform
-    from mcem import aligned_psnr, kernel_similarity, line_kernel
-    from jaxdeblur import blur
-
-    sharp = skimage.transform.resize(skimage.data.camera(), (64, 64), anti_aliasing=True)
-    sharp = jnp.asarray(sharp[16:48, 16:48], jnp.float32)[..., None]
-    true = line_kernel(5, 4, 20.0)
-    blurry = blur.conv(sharp, jnp.asarray(true), boundary="replicate")
-    blurry = jnp.clip(blurry + 0.01 * jax.random.normal(jax.random.key(4), sharp.shape), 0, 1)
-    config = _config(em_iterations=60, warmup_iterations=60, m_step_lr=1e-2, log_every=60)
-    config.image_net.features = (16, 16, 16)
-    r = mcem.deblur(blurry, config, key=jax.random.key(0))
-    sharp_np = np.asarray(sharp)[..., 0]
-    before = aligned_psnr(np.asarray(blurry)[..., 0], sharp_np)
-    after = aligned_psnr(r.image[..., 0], sharp_np)
-    similarity = kernel_similarity(r.kernels[0], true)
-    flat = kernel_similarity(np.full_like(true, 1 / true.size), true)
-    assert after > before + 1.0, (before, after)
-    assert similarity > flat + 0.1, (similarity, flat)

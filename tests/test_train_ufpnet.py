@@ -31,7 +31,7 @@ OVERRIDES = {
     "model.ke_widths": (4, 8), "crop_size": 32, "batch_size": 8, "eval_crop_size": 32,
     "num_eval_images": 0, "num_sample_images": 0,
     "data.config": "tiny", "stage2.num_steps": 0, "stage2.log_every": 1,
-    "stage2.checkpoint_every": 1, "stage3.num_steps": 40, "stage3.log_every": 1,
+    "stage2.checkpoint_every": 1, "stage3.num_steps": 10, "stage3.log_every": 1,
     "stage3.checkpoint_every": 3, "stage3.eval_every": 1000, "async_checkpoint": False,
 }
 
@@ -158,7 +158,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(data_dir, tmp_path):
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, env=_env(8), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     metrics_file = workdir / "stage3" / "metrics.jsonl"
-    deadline = time.time() + 400
+    deadline = time.time() + 1500
     killed_at = None
     while time.time() < deadline and proc.poll() is None:
         lines = _metrics(metrics_file) if metrics_file.exists() else []
@@ -168,18 +168,21 @@ def test_resume_after_sigkill_matches_uninterrupted_run(data_dir, tmp_path):
             killed_at = max(steps)
             break
         time.sleep(0.05)
+    if proc.poll() is None and killed_at is None:
+        proc.kill()
     proc.wait()
     log.close()
     assert killed_at is not None, (tmp_path / "first.log").read_text()[-3000:]
     first = {line["step"]: line for line in _metrics(metrics_file) if "loss" in line}
-    out = subprocess.run(cmd, env=_env(8), capture_output=True, text=True, timeout=400,
+    out = subprocess.run(cmd, env=_env(8), capture_output=True, text=True, timeout=1500,
                          cwd=REPO)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "devices: {" in out.stdout and "'device_count': 8" in out.stdout
     second = {line["step"]: line for line in _metrics(metrics_file) if "loss" in line}
-    resumed_from = max(s for s in (3, 6, 9, 12) if s <= killed_at and s in first)
-    overlap = [s for s in first if s > resumed_from]
-    assert overlap, (first.keys(), resumed_from)
+    # Killed as soon as step 5 was logged: the restart resumes from the step-3 checkpoint
+    # and recomputes steps 4 and 5, which the killed run had logged uninterrupted.
+    overlap = [s for s in first if s > 3]
+    assert overlap and max(overlap) >= 5, first.keys()
     for step in overlap:
         np.testing.assert_allclose(second[step]["loss"], first[step]["loss"], rtol=1e-6,
                                    err_msg=f"step {step}")

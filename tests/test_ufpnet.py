@@ -154,7 +154,7 @@ def test_code_to_latent_unbiased_std_and_mixing():
                                atol=1e-6)
     flat = U.code_to_latent(jnp.full((2, 361), 1 / 361), jnp.full((2,), 0.5),
                             jnp.ones((2, 361)))
-    np.testing.assert_allclose(np.asarray(flat), 0.5, atol=2e-3)  # constant code: no NaN
+    np.testing.assert_allclose(np.asarray(flat), 0.5, atol=1e-2)  # constant code: no NaN
     kl = U.kl_to_standard_normal(code, jnp.full((4,), 0.5))
     assert kl.shape == (4,) and np.all(np.asarray(kl) > 0)
 

@@ -204,7 +204,7 @@ def make_ke_train_step(model: UFPNet, optimizer, stage2, root_key, mesh):
         grads, metrics = grad_fn(state.ke_params, flow_variables, batch, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.ke_params)
         params = optax.apply_updates(state.ke_params, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return KETrainState(state.step + 1, params, opt_state), metrics
 
     return jax.jit(step_fn, out_shardings=(repl, repl), donate_argnums=(0,))

@@ -106,7 +106,7 @@ def make_train_step(model, optimizer, stage3, root_key, mesh):
         grads, metrics = grad_fn(state.params, state.batch_stats, batch, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.global_norm(
+        metrics["grad_norm"] = optax.tree.norm(
             {k: v for k, v in grads.items() if k not in FROZEN})
         metrics["lr"] = learning_rate(stage3)(state.step)
         return TrainState(state.step + 1, params, state.batch_stats, opt_state), metrics
