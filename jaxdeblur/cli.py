@@ -593,7 +593,8 @@ def cmd_deblur(args) -> int:
     inputs = collect_inputs(args.inputs)
     roles = {"image": ""}
     if args.figures:
-        roles.update({"compare": "_compare.png", "kernels": "_kernels.png"})
+        roles.update({"compare": "_compare.png", "kernels": "_kernels.png",
+                      "kernel_array": "_kernels.npz"})
         if args.method == "mcem":
             roles.update({"uncertainty": "_uncertainty.png", "metrics": "_metrics.jsonl",
                           "curves": "_curves.png"})
@@ -613,6 +614,8 @@ def cmd_deblur(args) -> int:
                                   plan["compare"])
             kernels, centres = (result["kernels"], result["centres"]) if "kernels" in result \
                 else runner.kernels(result["input_rgb"], tuple(args.grid), key=key)
+            np.savez_compressed(plan["kernel_array"], kernels=np.asarray(kernels, np.float32),
+                                centres=np.asarray(centres, np.float32))
             viz.kernel_field_figure(image, kernels, centres, plan["kernels"],
                                     title=f"{args.method} kernels")
             if "uncertainty" in plan:
@@ -920,8 +923,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder for the results (created if needed)")
     deblur.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     deblur.add_argument("--figures", action="store_true",
-                        help="also write <name>_compare.png, <name>_kernels.png (and "
-                             "<name>_uncertainty.png for MCEM)")
+                        help="also write <name>_compare.png, <name>_kernels.png/.npz (and "
+                             "for MCEM <name>_uncertainty.png, _metrics.jsonl, _curves.png)")
     deblur.add_argument("--grid", type=_grid, nargs=2, default=(3, 4), metavar=("ROWS", "COLS"),
                         help="UFPNet kernel-figure grid (default: 3 4)")
     _add_method_arguments(deblur)

@@ -569,7 +569,15 @@ class _Stepper:
         out = {} if sharding is None else {"out_shardings": sharding}
 
         def vm(fn, **static):
-            return jax.vmap(functools.partial(fn, model, **static))
+            batched = jax.vmap(functools.partial(fn, model, **static))
+            if sharding is None:
+                return batched
+            # Each device runs the vmapped step on its own slice of the batch. Leaving the
+            # split to XLA's SPMD partitioner failed on the filter flow's grouped
+            # convolution ("output feature dimension (4) not divisible by
+            # feature_group_count (8)"); per-device code has nothing to partition.
+            spec = jax.sharding.PartitionSpec("data")
+            return jax.shard_map(batched, mesh=sharding.mesh, in_specs=spec, out_specs=spec)
 
         self.reset = jax.jit(jax.vmap(_reset_chain), donate_argnums=0, **out)
         self._e = {u: jax.jit(vm(e_step, length=self.e_chunk, uniform=u), donate_argnums=0,
@@ -649,7 +657,8 @@ def deblur(
         config: an MCEM config (see `train_scripts/configs/mcem.py`).
         key: PRNG key (keyword-only): one key, or a (B,) batch of keys for a batch (image b
             with key b gives the same result as a single run with that key).
-        mesh: optional `jax.sharding.Mesh` with a ``data`` axis.
+        mesh: optional `jax.sharding.Mesh` with a ``data`` axis of type ``AxisType.Auto``
+            (explicit axes make flax's convolutions raise a ShardingTypeError).
         state: resume from this (batched) `MCEMState` instead of initialising.
         callback: called as ``callback(iteration, state, fit)`` after every
             ``config.log_every`` iterations, ``fit`` a (B,) host array of data fits; use it

@@ -85,7 +85,8 @@ def kernel_field_figure(image, kernels, centres, path, *, title: str | None = No
 
     Each kernel is shown normalised to its own maximum (shape, not mass, is what the eye
     compares), magnified into a square inset of ``inset_fraction`` times the spacing of
-    the centres.
+    the centres (at most a quarter of the photo's short side), moved inward where it would
+    cross the photo's border.
 
     Args:
       image: ``(H, W[, C])`` in [0, 1].
@@ -116,7 +117,8 @@ def kernel_field_figure(image, kernels, centres, path, *, title: str | None = No
         fig.suptitle(title, fontsize=11, y=1.0 - 0.5 * title_px / (fig.get_figheight() * _DPI),
                      va="center")
     spacing = _min_spacing(centres, default=0.5 * min(height, width))
-    side = max(inset_fraction * spacing, 2.0)
+    # At most a quarter of the short side, so a coarse grid leaves the photo visible.
+    side = max(min(inset_fraction * spacing, 0.25 * min(height, width)), 2.0)
     ax.set_xlim(-0.5, width - 0.5)
     ax.set_ylim(height - 0.5, -0.5)
     # Insets are placed in axes fractions: the image's y axis points down.
@@ -124,8 +126,11 @@ def kernel_field_figure(image, kernels, centres, path, *, title: str | None = No
     for kernel, (cy, cx) in zip(kernels, centres):
         peak = kernel.max()
         fx, fy = (cx + 0.5) / width, 1.0 - (cy + 0.5) / height
-        inset = ax.inset_axes((fx - size_x / 2, fy - size_y / 2, size_x, size_y),
-                              transform=ax.transAxes)
+        # Kernels at the border (filter-flow cells are centred on it) are moved inward
+        # just enough for their inset to stay on the photo.
+        x0 = float(np.clip(fx - size_x / 2, 0.0, max(1.0 - size_x, 0.0)))
+        y0 = float(np.clip(fy - size_y / 2, 0.0, max(1.0 - size_y, 0.0)))
+        inset = ax.inset_axes((x0, y0, size_x, size_y), transform=ax.transAxes)
         inset.imshow(kernel / peak if peak > 0 else kernel, cmap="magma", vmin=0.0, vmax=1.0,
                      interpolation="nearest")
         _bare(inset)

@@ -249,7 +249,7 @@ def test_deblur_end_to_end_keeps_size_mode_and_depth(tmp_path, tiny_ufpnet_check
                     (name, im.size)
                 assert im.mode == mode or (mode == "I;16" and im.mode.startswith("I")), \
                     (name, im.mode)
-        for figure in ("_compare.png", "_kernels.png"):
+        for figure in ("_compare.png", "_kernels.png", "_kernels.npz"):
             assert (out / (path.stem + figure)).exists()
     # Alpha is carried through bit for bit.
     with Image.open(out / "rgba.png") as im:

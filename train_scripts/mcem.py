@@ -84,7 +84,11 @@ def _deblur_group(names, batch, config, workdir, key):
     keys = jax.random.split(key, len(names))
     target = jax.tree.map(lambda *xs: jnp.stack(xs),
                           *[mcem.init_state(model, key=k) for k in keys])
-    ckpt = checkpoint.CheckpointManager(workdir / group, model_config=config, max_to_keep=2)
+    # Only the fields that decide the state's shapes: a resumed run may change iteration
+    # counts, step sizes or logging.
+    shapes = {k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
+              for k in ("kernel_size", "grid", "image_net", "kernel_net", "sampler")}
+    ckpt = checkpoint.CheckpointManager(workdir / group, model_config=shapes, max_to_keep=2)
     restored = ckpt.restore(target)
     state = restored.state if restored else target
     start = restored.step if restored else 0
@@ -92,7 +96,8 @@ def _deblur_group(names, batch, config, workdir, key):
         print(f"[{group}] resuming from EM iteration {start}")
     mesh = None
     if _SHARD.value and jax.device_count() > 1 and len(names) % jax.device_count() == 0:
-        mesh = jax.make_mesh((jax.device_count(),), ("data",))
+        mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                             axis_types=(jax.sharding.AxisType.Auto,))
     writer = train_logging.MetricWriter(workdir / f"metrics_{group}.jsonl",
                                         resume_step=start if restored else None)
     bar = train_logging.progress(total=config.em_iterations, initial=start,
