@@ -281,12 +281,10 @@ def motion_kernel(key, size: int, *, canvas: int = 64, n_steps: int = 2000,
     At full exposure the extent's median / q90 is 3 / 6 px (size 19) and 4 / 9 px (size
     31). Larger, straighter kernels come from a smaller ``anxiety`` or ``gaussian_shake``.
 
-    Speed: ``jax.jit(jax.vmap(partial(motion_kernel, size=19)))`` over 1000 keys drew
-    700–1,260 kernels/s on the development machine's 2-core CPU while it was shared by
-    other jobs (load average 20–28; 1,142/s in the last ``kernel_stats.py`` run), and
-    1,250–2,050/s with ``splat_method="matmul"`` when it was nearly idle (load 1.6; the
-    scatter splat is the faster of the two on the CPU). The 2000-step ``lax.scan`` and the
-    threefry draws dominate.
+    Speed: ``jax.jit(jax.vmap(partial(motion_kernel, size=19)))`` over 1000 keys draws
+    3,825 kernels/s on the development machine's 2-core CPU when it is nearly idle (best of
+    5 batches, 261 ms per 1000), and 700–1,260 kernels/s while it was shared by other jobs
+    (load average 20–28). The 2000-step ``lax.scan`` and the threefry draws dominate.
 
     Args:
       key: PRNG key.
