@@ -281,11 +281,14 @@ def train_kernel_estimator(config, workdir, *, mesh, flow_variables) -> Any:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     bar = logging_lib.progress(total=stage2.num_steps, initial=start, desc="stage II")
     try:
-        while int(state.step) < stage2.num_steps:
+        # A host-side step counter: reading state.step would sync with the devices every
+        # step and stop dispatch from running ahead.
+        step = start
+        while step < stage2.num_steps:
             raw = next(it)
             batch = mesh_lib.shard_batch({k: raw[k] for k in ("blurry", "sharp")}, mesh)
             state, metrics = step_fn(state, flow_variables, batch)
-            step = int(state.step)
+            step += 1
             bar.update(1)
             if step % stage2.log_every == 0:
                 writer.write(step, metrics)

@@ -197,11 +197,14 @@ def train_ufpnet(config, workdir, *, mesh, flow_variables, ke_params) -> dict:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     bar = logging_lib.progress(total=stage3.num_steps, initial=start, desc="stage III")
     try:
-        while int(state.step) < stage3.num_steps:
+        # A host-side step counter: reading state.step would sync with the devices every
+        # step and stop dispatch from running ahead.
+        step = start
+        while step < stage3.num_steps:
             raw = next(it)
             batch = mesh_lib.shard_batch({k: raw[k] for k in ("blurry", "sharp")}, mesh)
             state, metrics = step_fn(state, batch)
-            step = int(state.step)
+            step += 1
             bar.update(1)
             if step % stage3.log_every == 0 or step == 1:
                 line = writer.write(step, metrics)
