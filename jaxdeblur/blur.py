@@ -620,7 +620,7 @@ class EFFGeometry(NamedTuple):
     @property
     def window(self) -> np.ndarray:
         """(2h_p, 2w_p) float64 window shared by all patches, peak 1 at (h_p, w_p)."""
-        return _barthann_window(self.patch_inner_size, self.blur_size).copy()
+        return _barthann_window(self.patch_inner_size, self.blur_size, self.grid_size).copy()
 
     @property
     def window_sum(self) -> np.ndarray:
@@ -634,11 +634,20 @@ class EFFGeometry(NamedTuple):
 
 
 @functools.lru_cache(maxsize=64)
-def _barthann_window(inner, blur) -> np.ndarray:
+def _barthann_window(inner, blur, grid) -> np.ndarray:
     h_in, w_in = inner
     bh, bw = blur
-    window = np.outer(scipy.signal.windows.barthann(2 * h_in + 1),
-                      scipy.signal.windows.barthann(2 * w_in + 1))[:-1, :-1]
+
+    def axis(half, cells):
+        # One cell along an axis: a flat window. The official makeEFF uses barthann(2H + 1)
+        # there too, whose centre half covers the image with weights 0.5..1..0.5, so its
+        # "uniform" blur darkens the image towards the borders (corner weight 0.34 for a
+        # 1x1 grid); a single cell must be a plain convolution.
+        if cells == 1:
+            return np.ones(2 * half + 1)
+        return scipy.signal.windows.barthann(2 * half + 1)
+
+    window = np.outer(axis(h_in, grid[0]), axis(w_in, grid[1]))[:-1, :-1]
     window = np.pad(window, ((bh, bh), (bw, bw)))
     window.setflags(write=False)
     return window
@@ -660,7 +669,9 @@ def eff_windows(image_shape, grid, kernel_size) -> EFFGeometry:
     rounded down to even (H if gh = 1); `h_p = h_in + bh`; centres `g·h_in + h_p`; canvas
     `centre[-1] + h_p` with the image centred (top = floor, bottom = ceil of the margin);
     window `outer(barthann(2h_in+1), barthann(2w_in+1))[:-1, :-1]` zero-padded by (bh, bw)
-    to 2h_p × 2w_p. The windows sum to ~1 over the image but are not renormalised.
+    to 2h_p × 2w_p. The windows sum to ~1 over the image but are not renormalised. Along an
+    axis with one cell the window is flat (1): the official barthann window there does not
+    sum to 1 over the image (a fix, see `_barthann_window`).
 
     Args:
       image_shape: (H, W) or (H, W, C).
@@ -760,7 +771,8 @@ def _filter_flow_blur(image, kernels, geometry: EFFGeometry, order: str, method:
     dtype = jnp.result_type(image, kernels)
     image, kernels = image.astype(dtype), kernels.astype(dtype)
     kernels = jnp.broadcast_to(kernels, (geometry.num_patches,) + kernels.shape[1:])
-    window = jnp.asarray(_barthann_window(geometry.patch_inner_size, geometry.blur_size),
+    window = jnp.asarray(_barthann_window(geometry.patch_inner_size, geometry.blur_size,
+                                          geometry.grid_size),
                          dtype)[None, :, :, None]
     rh, rw = (kernels.shape[1] - 1) // 2, (kernels.shape[2] - 1) // 2
     if order == "mask_first":

@@ -24,10 +24,10 @@ mask-first efficient filter flow ``y = sum_r k_r * (w_r . x)`` (`jaxdeblur.blur`
   network's heads are tied, see `KernelNet`), i.e. uniform deblurring initialises T_K.
 
 Speed on the CPU: XLA:CPU runs gradients of convolutions inside a while loop (``lax.scan``)
-several times slower than the same step jitted on its own, so the chains are driven as a
-host loop over jitted *chunks* of ``lax.scan``; ``config.e_step_chunk = "auto"`` picks one
-step per chunk on the CPU and the whole chain (one scan) on GPU/TPU. The host loop never
-reads device values between steps.
+8-12x slower than the same computation in straight-line code, so ``config.loop = "auto"``
+traces the chains step by step on the CPU and as ``lax.scan`` on GPU/TPU (`loop`). One EM
+iteration (E-step chain, M-step) is one jitted call; ``config.e_step_chunk`` splits long
+chains into several calls. The host loop never reads device values between iterations.
 
 References:
     Li, Wang, Nan, Ji, "Self-Supervised Blind Motion Deblurring With Deep Expectation
@@ -58,7 +58,7 @@ __all__ = [
     "SGLDState", "PSGLDState", "sgld", "psgld", "Welford", "welford_init", "welford_update",
     "welford_variance", "ChainState", "langevin_chain", "MCEMState", "MCEMResult", "MCEMModel",
     "build_model", "init_state", "e_step", "m_step", "em_iteration", "result", "deblur",
-    "resolve_chunk", "DataFitError",
+    "resolve_chunk", "resolve_unroll", "loop", "kernel_centroid", "DataFitError",
 ]
 
 
@@ -100,7 +100,7 @@ def _tree_normal(key: jax.Array, tree: Any) -> Any:
         treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
 
 
-def sgld(step_size: float) -> optax.GradientTransformation:
+def sgld(step_size: float, *, temperature: float = 1.0) -> optax.GradientTransformation:
     """Stochastic gradient Langevin dynamics as an optax transformation.
 
     ``theta <- theta + alpha * grad log p(theta) + sqrt(2 alpha) * w``, ``w ~ N(0, I)``; its
@@ -130,7 +130,7 @@ def sgld(step_size: float) -> optax.GradientTransformation:
         key, noise_key = jax.random.split(state.key)
         noise = _tree_normal(noise_key, grads)
         updates = jax.tree.map(
-            lambda g, w: step_size * g + jnp.sqrt(2.0 * step_size).astype(g.dtype) * w,
+            lambda g, w: step_size * g + jnp.sqrt(2.0 * step_size * temperature).astype(g.dtype) * w,
             grads, noise)
         return updates, SGLDState(count=state.count + 1, key=key)
 
@@ -138,7 +138,7 @@ def sgld(step_size: float) -> optax.GradientTransformation:
 
 
 def psgld(step_size: float, *, decay: float = 0.99, eps: float = 1e-5,
-          bias_correction: bool = True) -> optax.GradientTransformation:
+          bias_correction: bool = True, temperature: float = 1.0) -> optax.GradientTransformation:
     """RMSprop-preconditioned SGLD (pSGLD), with the Gamma correction term dropped.
 
     ``V <- decay V + (1 - decay) g . g``, ``G = 1 / (eps + sqrt(V / (1 - decay^t)))``,
@@ -184,7 +184,8 @@ def psgld(step_size: float, *, decay: float = 0.99, eps: float = 1e-5,
 
         def one(g, v, w):
             precond = 1.0 / (eps + jnp.sqrt(v / scale))
-            return step_size * precond * g + jnp.sqrt(2.0 * step_size * precond) * w
+            return (step_size * precond * g
+                    + jnp.sqrt(2.0 * step_size * temperature * precond) * w)
 
         updates = jax.tree.map(one, grads, nu, noise)
         return updates, PSGLDState(count=count, key=key, nu=nu)
@@ -194,9 +195,10 @@ def psgld(step_size: float, *, decay: float = 0.99, eps: float = 1e-5,
 
 def _make_sampler(config: Any) -> optax.GradientTransformation:
     if config.sampler == "psgld":
-        return psgld(config.step_size, decay=config.psgld_decay, eps=config.psgld_eps)
+        return psgld(config.step_size, decay=config.psgld_decay, eps=config.psgld_eps,
+                     temperature=config.get("temperature", 1.0))
     if config.sampler == "sgld":
-        return sgld(config.step_size)
+        return sgld(config.step_size, temperature=config.get("temperature", 1.0))
     raise ValueError(f"config.sampler must be 'psgld' or 'sgld', got {config.sampler!r}")
 
 
@@ -253,12 +255,15 @@ def langevin_chain(
     *,
     length: int,
     burn_in: int,
+    unroll: bool = False,
 ) -> ChainState:
     """``length`` Langevin steps as one ``lax.scan``, folding post-burn-in samples into moments.
 
     Step t (counted by ``state.step`` from the start of the E-step) moves the parameters by
     the sampler and, when ``t >= burn_in``, adds ``observe(params)`` to the Welford moments.
     Called once with the whole chain, or repeatedly with chunks: the result is the same.
+    With ``unroll=True`` the steps are traced one after another instead (straight-line code,
+    the fast form on XLA:CPU; see `loop`).
 
     Args:
         state: the chain's `ChainState`.
@@ -267,6 +272,7 @@ def langevin_chain(
         sampler: `sgld` or `psgld`.
         length: number of steps in this call (static).
         burn_in: steps of the E-step whose samples are discarded.
+        unroll: trace the steps one by one instead of a ``lax.scan`` (static).
 
     Returns:
         The `ChainState` after ``length`` steps (same shapes and dtypes).
@@ -280,8 +286,33 @@ def langevin_chain(
         stats = welford_update(carry.stats, observe(params), keep)
         return ChainState(params, sampler_state, stats, carry.step + 1), None
 
-    state, _ = jax.lax.scan(step, state, None, length=length)
-    return state
+    return loop(step, state, length, unroll)
+
+
+def loop(step: Callable[[Any, None], tuple[Any, None]], carry: Any, length: int,
+         unroll: bool) -> Any:
+    """``length`` applications of a scan body, as ``lax.scan`` or traced one after another.
+
+    XLA:CPU runs convolution gradients inside a while loop (what ``lax.scan`` lowers to)
+    8-12x slower than the same computation in straight-line code (64² image network step:
+    178 ms in a scan, also at length 1, vs 18 ms unrolled; DEVELOPERS.md). GPUs and TPUs
+    keep the scan: one compiled body, compile time independent of ``length``.
+
+    Args:
+        step: ``(carry, None) -> (carry, None)``, a ``lax.scan`` body.
+        carry: initial carry.
+        length: number of steps (static).
+        unroll: trace ``length`` copies of ``step`` instead of a scan (static).
+
+    Returns:
+        The final carry.
+    """
+    if unroll:
+        for _ in range(length):
+            carry, _ = step(carry, None)
+        return carry
+    carry, _ = jax.lax.scan(step, carry, None, length=length)
+    return carry
 
 
 # --------------------------------------------------------------------------------------
@@ -441,7 +472,7 @@ def _reset_chain(state: MCEMState) -> MCEMState:
 
 
 def e_step(model: MCEMModel, state: MCEMState, blurry: jax.Array, *, length: int,
-           uniform: bool) -> MCEMState:
+           uniform: bool, unroll: bool = False) -> MCEMState:
     """``length`` steps of the E-step chain for fixed kernels (one chunk of the chain).
 
     ``theta_f <- sampler(theta_f, grad [log p(g | theta_f; theta_K) + log p(theta_f)])``;
@@ -453,6 +484,7 @@ def e_step(model: MCEMModel, state: MCEMState, blurry: jax.Array, *, length: int
         blurry: (H, W, C) observation.
         length: steps in this chunk (static).
         uniform: warm-up mode (one kernel for every cell), static.
+        unroll: straight-line steps instead of a ``lax.scan`` (static; see `loop`).
 
     Returns:
         The updated `MCEMState`.
@@ -468,8 +500,26 @@ def e_step(model: MCEMModel, state: MCEMState, blurry: jax.Array, *, length: int
 
     chain = langevin_chain(state.chain, jax.grad(log_posterior),
                            lambda p: model.image_net.apply(p, state.z_image), model.sampler,
-                           length=length, burn_in=cfg.e_step_burn_in)
+                           length=length, burn_in=cfg.e_step_burn_in, unroll=unroll)
     return state._replace(chain=chain)
+
+
+def kernel_centroid(kernels: jax.Array) -> jax.Array:
+    """Centre of mass of each kernel relative to its centre pixel, in pixels.
+
+    Args:
+        kernels: (..., k, k) non-negative kernels summing to 1.
+
+    Returns:
+        (..., 2) offsets (row, column); zero for a kernel centred on its middle pixel.
+    """
+    kh, kw = kernels.shape[-2:]
+    rows = jnp.arange(kh, dtype=kernels.dtype) - (kh - 1) / 2
+    cols = jnp.arange(kw, dtype=kernels.dtype) - (kw - 1) / 2
+    mass = jnp.sum(kernels, axis=(-2, -1))
+    cy = jnp.sum(kernels * rows[:, None], axis=(-2, -1)) / mass
+    cx = jnp.sum(kernels * cols[None, :], axis=(-2, -1)) / mass
+    return jnp.stack([cy, cx], axis=-1)
 
 
 def _q_loss(model: MCEMModel, kernel_params, state: MCEMState, blurry, uniform: bool):
@@ -480,11 +530,14 @@ def _q_loss(model: MCEMModel, kernel_params, state: MCEMState, blurry, uniform: 
     if model.config.m_step_variance_term:
         var = welford_variance(state.chain.stats)
         loss = loss + jnp.mean(_reblur(model, var, kernels * kernels))
+    weight = model.config.get("kernel_centre_weight", 0.0)
+    if weight:
+        loss = loss + weight * jnp.mean(jnp.sum(kernel_centroid(kernels) ** 2, axis=-1))
     return loss
 
 
 def m_step(model: MCEMModel, state: MCEMState, blurry: jax.Array, *, length: int,
-           uniform: bool) -> MCEMState:
+           uniform: bool, unroll: bool = False) -> MCEMState:
     """``length`` Adam steps on theta_K maximising the Monte Carlo Q (one chunk).
 
     Args:
@@ -493,6 +546,7 @@ def m_step(model: MCEMModel, state: MCEMState, blurry: jax.Array, *, length: int
         blurry: (H, W, C) observation.
         length: Adam steps in this chunk (static).
         uniform: warm-up mode (tied kernel heads), static.
+        unroll: straight-line steps instead of a ``lax.scan`` (static; see `loop`).
 
     Returns:
         The updated `MCEMState`.
@@ -504,8 +558,7 @@ def m_step(model: MCEMModel, state: MCEMState, blurry: jax.Array, *, length: int
         updates, opt_state = model.adam.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), None
 
-    (params, adam_state), _ = jax.lax.scan(step, (state.kernel_params, state.adam), None,
-                                           length=length)
+    params, adam_state = loop(step, (state.kernel_params, state.adam), length, unroll)
     return state._replace(kernel_params=params, adam=adam_state)
 
 
@@ -517,33 +570,60 @@ def data_fit(model: MCEMModel, state: MCEMState, blurry: jax.Array, *, uniform: 
 
 
 def em_iteration(model: MCEMModel, state: MCEMState, blurry: jax.Array, *,
-                 uniform: bool) -> MCEMState:
-    """One MCEM iteration as a single traced function (E-step scan, then M-step scan).
+                 uniform: bool, unroll: bool = False) -> MCEMState:
+    """One MCEM iteration as a single traced function: reset, E-step chain, M-step, count.
 
-    This is the accelerator path; `deblur` on the CPU drives the same steps in chunks.
+    `deblur` jits this (vmapped over the batch) as one call per iteration when the chunk
+    sizes are the whole E- and M-steps (the default), else drives `e_step` and `m_step` in
+    chunks.
+
+    Args:
+        model: from `build_model`.
+        state: current `MCEMState`.
+        blurry: (H, W, C) observation.
+        uniform: warm-up mode (one kernel for every cell), static.
+        unroll: straight-line steps instead of ``lax.scan`` (static; see `loop`).
+
+    Returns:
+        The `MCEMState` after the iteration.
     """
     cfg = model.config
     state = e_step(model, _reset_chain(state), blurry, length=cfg.e_step_steps,
-                   uniform=uniform)
-    state = m_step(model, state, blurry, length=cfg.m_step_steps, uniform=uniform)
+                   uniform=uniform, unroll=unroll)
+    state = m_step(model, state, blurry, length=cfg.m_step_steps, uniform=uniform,
+                   unroll=unroll)
     return state._replace(iteration=state.iteration + 1)
 
 
-def resolve_chunk(value: Any, length: int, backend: Optional[str] = None) -> int:
+def resolve_chunk(value: Any, length: int) -> int:
     """Steps per jitted call for a chain of ``length`` steps.
 
-    ``"auto"``: 1 on the CPU (XLA:CPU runs convolution gradients inside a while loop
-    several times slower, see DEVELOPERS.md) and ``length`` (one scan) elsewhere. An
-    integer (or a string of digits) must divide ``length``.
+    ``"auto"``: the whole chain in one call. An integer (or a string of digits) must divide
+    ``length``; chunks bound the compile time of long unrolled chains.
     """
-    backend = backend or jax.default_backend()
     if isinstance(value, str) and value.isdigit():
         value = int(value)  # command-line overrides of the string-typed config field
     if value == "auto":
-        return 1 if backend == "cpu" else length
+        return length
     if not isinstance(value, int) or value < 1 or length % value:
         raise ValueError(f"chunk must be 'auto' or a positive divisor of {length}, got {value!r}")
     return value
+
+
+def resolve_unroll(value: Any, backend: Optional[str] = None) -> bool:
+    """Whether the chains are traced step by step (``True``) or as ``lax.scan`` (``False``).
+
+    ``"auto"``: unrolled on the CPU, scanned on GPU and TPU (see `loop`). Also accepts
+    ``"unroll"``/``"scan"`` and booleans.
+    """
+    backend = backend or jax.default_backend()
+    if value == "auto":
+        return backend == "cpu"
+    if value in (True, "unroll", "true", "True"):
+        return True
+    if value in (False, "scan", "false", "False"):
+        return False
+    raise ValueError(f"config.loop must be 'auto', 'unroll' or 'scan', got {value!r}")
 
 
 def result(model: MCEMModel, state: MCEMState, blurry: jax.Array, *, uniform: bool = False):
@@ -558,7 +638,7 @@ def result(model: MCEMModel, state: MCEMState, blurry: jax.Array, *, uniform: bo
 
 
 class _Stepper:
-    """jit(vmap(.)) versions of the chunked MCEM steps for one model, batch and sharding."""
+    """jit(vmap(.)) versions of the MCEM steps for one model, batch and sharding."""
 
     def __init__(self, model: MCEMModel, sharding: Any = None):
         cfg = model.config
@@ -566,6 +646,8 @@ class _Stepper:
         self.sharding = sharding
         self.e_chunk = resolve_chunk(cfg.e_step_chunk, cfg.e_step_steps)
         self.m_chunk = resolve_chunk(cfg.m_step_chunk, cfg.m_step_steps)
+        self.whole = (self.e_chunk == cfg.e_step_steps and self.m_chunk == cfg.m_step_steps)
+        unroll = resolve_unroll(cfg.get("loop", "auto"))
         out = {} if sharding is None else {"out_shardings": sharding}
 
         def vm(fn, **static):
@@ -579,21 +661,24 @@ class _Stepper:
             spec = jax.sharding.PartitionSpec("data")
             return jax.shard_map(batched, mesh=sharding.mesh, in_specs=spec, out_specs=spec)
 
+        def jit_step(fn, **static):
+            return {u: jax.jit(vm(fn, uniform=u, **static), donate_argnums=0, **out)
+                    for u in (False, True)}
+
         self.reset = jax.jit(jax.vmap(_reset_chain), donate_argnums=0, **out)
-        self._e = {u: jax.jit(vm(e_step, length=self.e_chunk, uniform=u), donate_argnums=0,
-                              **out) for u in (False, True)}
-        self._m = {u: jax.jit(vm(m_step, length=self.m_chunk, uniform=u), donate_argnums=0,
-                              **out) for u in (False, True)}
+        self._iteration = jit_step(em_iteration, unroll=unroll)
+        self._e = jit_step(e_step, length=self.e_chunk, unroll=unroll)
+        self._m = jit_step(m_step, length=self.m_chunk, unroll=unroll)
         self._fit = {u: jax.jit(vm(data_fit, uniform=u)) for u in (False, True)}
         self._result = {u: jax.jit(vm(result, uniform=u)) for u in (False, True)}
         self.bump = jax.jit(jax.vmap(lambda s: s._replace(iteration=s.iteration + 1)),
                             donate_argnums=0, **out)
 
     def iteration(self, state: MCEMState, blurry: jax.Array, uniform: bool) -> MCEMState:
+        if self.whole:
+            return self._iteration[uniform](state, blurry)
         cfg = self.model.config
-        state = self.reset(state)
-        for _ in range(cfg.e_step_steps // self.e_chunk):
-            state = self._e[uniform](state, blurry)
+        state = self.final_samples(state, blurry, uniform)
         for _ in range(cfg.m_step_steps // self.m_chunk):
             state = self._m[uniform](state, blurry)
         return self.bump(state)

@@ -475,3 +475,22 @@ def test_batched_gradients_under_vmap_match_a_loop():
     for b in range(2):
         for got, want in zip(batched, grad(images[b], fields[b])):
             np.testing.assert_allclose(got[b], want, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (1, 3), (3, 1)])
+def test_filter_flow_with_one_cell_along_an_axis_is_a_plain_blur(grid):
+    """One cell along an axis: the window is flat there, so a constant image stays constant.
+
+    (The official makeEFF uses a barthann window there too, which does not sum to 1: a 1x1
+    grid would darken the image to 0.34 at its corners.)
+    """
+    geometry = blur.eff_windows((40, 36), grid, 5)
+    ones = jnp.ones((40, 36, 2))
+    kernels = jnp.full((geometry.num_patches, 5, 5), 1.0 / 25)
+    out = np.asarray(blur.filter_flow_blur(ones, kernels, geometry))
+    np.testing.assert_allclose(out[2:-2, 2:-2], 1.0, atol=1e-5)
+    image = jax.random.uniform(jax.random.key(0), (40, 36, 2))
+    kernel = jax.random.uniform(jax.random.key(1), (5, 5))
+    kernel = kernel / kernel.sum()
+    same = blur.filter_flow_blur(image, jnp.broadcast_to(kernel, kernels.shape), geometry)
+    np.testing.assert_allclose(same, blur.conv(image, kernel, boundary="zeros"), atol=1e-5)

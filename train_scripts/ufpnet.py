@@ -182,6 +182,7 @@ def train_ufpnet(config, workdir, *, mesh, flow_variables, ke_params) -> dict:
     eval_set = ke_lib.eval_batches(config)
     restore = make_restore_fn(config)
     summary: dict = {}
+    losses: list = []
 
     def run_eval(step):
         if not eval_set:
@@ -210,6 +211,7 @@ def train_ufpnet(config, workdir, *, mesh, flow_variables, ke_params) -> dict:
                 line = writer.write(step, metrics)
                 summary.setdefault("loss_first", {"step": step, "loss": line["loss"]})
                 summary["loss_last"] = {"step": step, "loss": line["loss"]}
+                losses.append((step, line["loss"]))
                 bar.set_postfix_str(logging_lib.format_metrics(metrics))
             if step % stage3.eval_every == 0 or step == stage3.num_steps:
                 run_eval(step)
@@ -228,6 +230,12 @@ def train_ufpnet(config, workdir, *, mesh, flow_variables, ke_params) -> dict:
         writer.close()
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     np.savez(workdir / "ufpnet.npz", **convert.flatten_variables(variables))
+    if len(losses) >= 4:
+        # Single-batch losses vary with the crop; compare the means of the first and last
+        # quarter of the logged steps of this run.
+        quarter = len(losses) // 4
+        summary["loss_mean_first_quarter"] = float(np.mean([v for _, v in losses[:quarter]]))
+        summary["loss_mean_last_quarter"] = float(np.mean([v for _, v in losses[-quarter:]]))
     return summary
 
 

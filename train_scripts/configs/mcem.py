@@ -64,18 +64,32 @@ def get_config() -> ml_collections.ConfigDict:
     # (gradients of this likelihood are ~1e4, so G = 1/sqrt(V) is unaffected where it
     # matters) they differed by 2.5e-3. Its effect on deblurring PSNR was not measured.
     c.psgld_eps = 1.0
+    # (ours) Noise temperature of the sampler (1 = the posterior; 0 = RMSprop, no noise).
+    c.temperature = 1.0
+    # (measured) n_s = 10 (burn-in 5) per M-step was worse than 5 on the recovery run above
+    # (18.8 vs 23.0 dB after 500 iterations): the kernel then moves too little per image step.
     c.e_step_steps = 5
     c.e_step_burn_in = 2
+    # Steps per jitted call ("auto": the whole E-step) and their form ("auto": unrolled on
+    # the CPU, lax.scan on GPU/TPU; see jaxdeblur.mcem.loop and benchmarks/README.md).
+    # Unrolling compiles slowly for long chains (20 steps at 64²: 160 s): chunk them.
     c.e_step_chunk = "auto"
+    c.loop = "auto"
 
-    # M-step (paper: lr 1e-4). (measured) 40² crop, 9x9 kernel, uniform model, after 25 EM
-    # iterations the data fit was 8.1e-3 with lr 1e-3 and 3.3e-3 with 1e-2 (3.5e-4 after
-    # 150); with 1e-4 the kernel was still flat after 100 iterations. The paper's 1e-4
-    # presumably goes with thousands of iterations; 1e-2 suits budgets of hundreds.
-    c.m_step_lr = 1e-2
+    # M-step (paper: lr 1e-4). (measured, 64² camera crop, 15x15 line kernel of 12 px,
+    # uniform model, 800 EM iterations; python benchmarks/mcem.py --recovery uniform):
+    # 1e-3 -> 18.98 to 23.25 dB, kernel L1 error 0.32 (flat kernel: 1.75); 1e-4 -> the image
+    # drifted off (11.2 dB); 3e-3 (and 1e-2) -> the kernel shrinks towards a delta while the
+    # image network fits the blurry image (the no-blur solution, no gain in PSNR).
+    c.m_step_lr = 1e-3
     c.m_step_steps = 1
     c.m_step_chunk = "auto"
     c.m_step_variance_term = True
+    # (ours) Penalty weight on the squared centre of mass of each kernel (pixels²) in the
+    # M-step. Shifting kernel and image together leaves the data fit unchanged, so without
+    # it the kernel drifted to the window's corner (cut off there) and the image came out
+    # shifted by 3-4 px (measured: 64² crop, 9x9 kernel, 11.1 dB vs 21.4 blurry).
+    c.kernel_centre_weight = 1e-3
 
     # Outer loop.
     c.em_iterations = 600
