@@ -226,6 +226,7 @@ def train(config, workdir: str) -> dict:
 
 
 def main(argv):
+    logging_lib.quiet_library_logs()
     del argv
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required")

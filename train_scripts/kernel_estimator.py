@@ -323,6 +323,7 @@ def define_flags():
 
 
 def main(argv):
+    logging_lib.quiet_library_logs()
     del argv
     info = mesh_lib.initialize_distributed(flags.FLAGS.tpu)
     print(f"devices: {info}", flush=True)

@@ -126,6 +126,7 @@ def _deblur_group(names, batch, config, workdir, key):
 
 
 def main(argv):
+    train_logging.quiet_library_logs()
     config = _CONFIG.value
     workdir = pathlib.Path(_WORKDIR.value)
     workdir.mkdir(parents=True, exist_ok=True)

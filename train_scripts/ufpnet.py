@@ -256,6 +256,7 @@ def run(config, workdir: pathlib.Path, *, mesh) -> dict:
 
 
 def main(argv):
+    logging_lib.quiet_library_logs()
     del argv
     info = mesh_lib.initialize_distributed(flags.FLAGS.tpu)
     print(f"devices: {info}", flush=True)

@@ -96,3 +96,17 @@ def format_metrics(metrics: Mapping[str, Any], digits: int = 4) -> str:
         value = _to_python(value)
         parts.append(f"{key}={value:.{digits}g}" if isinstance(value, float) else f"{key}={value}")
     return " ".join(parts)
+
+
+def quiet_library_logs() -> None:
+    """Shows library log records (orbax, tfds) from WARNING up, unless --verbosity was given.
+
+    absl's default verbosity is INFO, at which orbax prints several lines per checkpoint and
+    tfds one per data set load, burying the scripts' own progress lines. Call it at the top
+    of an ``absl.app`` main; ``--verbosity=0`` (or ``-v 0``) brings the INFO records back.
+    """
+    from absl import flags
+    from absl import logging as absl_logging
+    if "verbosity" in flags.FLAGS and flags.FLAGS["verbosity"].present:
+        return
+    absl_logging.set_verbosity(absl_logging.WARNING)

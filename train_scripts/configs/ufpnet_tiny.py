@@ -6,9 +6,10 @@ Command (a fresh machine; builds the embedded ``synthetic_blur`` data set on fir
 
 Runs in a few minutes on a 2-core CPU: the pretrained flow from the package, a short
 stage II (KE-Net trained by re-blurring the sharp tiles), a short stage III (a width-8
-kernel-attention NAFNet), evaluation on the held-out ``test`` split. Result on the
-development machine: see the run summary printed at the end (held-out PSNR before and
-after; the reblur PSNR of stage II).
+kernel-attention NAFNet, 300 steps), evaluation on the held-out ``test`` split. Result on
+the development machine (3 min 56 s): stage II reblur PSNR 17.25 -> 31.31 dB; stage III
+held-out PSNR 29.06 dB (blurry) -> 29.29 dB, SSIM 0.7656 -> 0.7709; the mean
+training loss falls from -26.91 (first quarter of logged steps) to -27.45 (last quarter).
 
 The architecture is the fixture's tiny backbone (width 8, encoders [1, 1, 1, 2]) with a
 narrow KE-Net (``ke_widths`` 16/32 instead of the official 64/128) so that the CPU can
@@ -48,10 +49,14 @@ def get_config() -> ml_collections.ConfigDict:
         grad_clip=1.0, kl_weight=0.0, log_every=5, eval_every=20, checkpoint_every=20))
 
     # Stage III: backbone by PSNR loss + reblur L1 (AdamW, cosine decay, global-norm clip).
+    # (measured, default run, 2-core CPU) 100 steps: held-out 29.06 -> 29.18 dB, mean loss of
+    # the last quarter of logged steps above the first (-27.03 vs -27.47: single-batch
+    # losses range over -23..-34 with the crop); 300 steps: 29.06 -> 29.29 dB, quarter
+    # means -26.91 -> -27.45, whole run 3 min 56 s.
     config.stage3 = ml_collections.ConfigDict(dict(
-        num_steps=100, learning_rate=1e-3, min_learning_rate=1e-7, b1=0.9, b2=0.9,
-        weight_decay=1e-3, grad_clip=0.01, reblur_weight=0.01, log_every=5, eval_every=50,
-        checkpoint_every=50))
+        num_steps=300, learning_rate=1e-3, min_learning_rate=1e-7, b1=0.9, b2=0.9,
+        weight_decay=1e-3, grad_clip=0.01, reblur_weight=0.01, log_every=5, eval_every=100,
+        checkpoint_every=100))
 
     config.max_checkpoints = 2
     config.async_checkpoint = True
