@@ -383,3 +383,50 @@ def test_ufpnet_from_a_training_directory(tmp_path, tiny_ufpnet_checkpoint):
     other.close()
     with pytest.raises(cli.CLIError, match="holds no UFPNet parameters"):
         cli.load_ufpnet_checkpoint(tmp_path / "mcem_run", train_size=None)
+
+
+def test_mcem_command_makes_a_blurry_photo_sharper(tmp_path):
+    """`jaxdeblur deblur --method mcem` on a 16-bit gray PNG of a motion-blurred camera crop.
+
+    The blur is the valid part of a 12 px line kernel (15x15) applied to a larger crop, noise
+    0.01; the settings are those of tests/test_mcem.py::test_recovers_a_uniform_motion_blur
+    (which measures 18.98 -> 22.76 dB in 400 iterations through the library).
+    """
+    import skimage.data
+    import skimage.transform
+    k, size = 15, 64
+    photo = skimage.transform.rescale(skimage.data.camera().astype(np.float32) / 255.0, 0.5,
+                                      anti_aliasing=True)
+    big = photo[90:90 + size + k - 1, 90:90 + size + k - 1]
+    kernel = np.zeros((k, k))
+    centre = (k - 1) / 2
+    for t in np.linspace(-6, 6, 200):
+        y, x = centre + t * np.sin(0.6), centre + t * np.cos(0.6)
+        y0, x0 = int(np.floor(y)), int(np.floor(x))
+        for dy, wy in ((0, 1 - (y - y0)), (1, y - y0)):
+            for dx, wx in ((0, 1 - (x - x0)), (1, x - x0)):
+                kernel[y0 + dy, x0 + dx] += wy * wx
+    kernel /= kernel.sum()
+    blurry = sum(kernel[i, j] * big[i:i + size, j:j + size] for i in range(k) for j in range(k))
+    blurry = np.clip(blurry + 0.01 * np.random.default_rng(0).normal(size=blurry.shape), 0, 1)
+    sharp = big[7:7 + size, 7:7 + size]
+    (tmp_path / "in").mkdir()
+    Image.fromarray((blurry * 65535).round().astype(np.uint16)).save(tmp_path / "in" / "b.png")
+    out = tmp_path / "out"
+    result = run_cli(
+        "deblur", tmp_path / "in" / "b.png", "--method", "mcem", "-o", out, "--device", "cpu",
+        "--set", "kernel_size=15", "--set", "grid=(1,1)", "--set", "em_iterations=400",
+        "--set", "warmup_iterations=400", "--set", "log_every=100",
+        "--set", "image_net.features=(32,32,32,32)",
+        "--set", "kernel_net.features=(16,16,16)", "--set", "kernel_net.num_groups=4",
+        timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with Image.open(out / "b.png") as im:
+        assert im.size == (size, size) and im.mode.startswith("I")
+        restored = np.asarray(im).astype(np.float64) / 65535
+
+    def psnr(x):
+        return -10 * np.log10(np.mean((x - sharp) ** 2))
+
+    print(f"blurry {psnr(blurry):.2f} dB -> restored {psnr(restored):.2f} dB")
+    assert psnr(restored) > psnr(blurry) + 1.0
