@@ -98,6 +98,10 @@ def test_welford_matches_numpy():
 
 def test_resolve_chunk_and_unroll():
     assert mcem.resolve_chunk("auto", 10) == 10
+    assert mcem.resolve_chunk("auto", 20, unroll=True) == 5
+    assert mcem.resolve_chunk("auto", 12, unroll=True) == 4
+    assert mcem.resolve_chunk("auto", 7, unroll=True) == 1
+    assert mcem.resolve_chunk("auto", 5, unroll=True) == 5
     assert mcem.resolve_chunk(5, 10) == 5 and mcem.resolve_chunk("5", 10) == 5
     with pytest.raises(ValueError, match="divisor"):
         mcem.resolve_chunk(3, 10)

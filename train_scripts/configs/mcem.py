@@ -70,9 +70,10 @@ def get_config() -> ml_collections.ConfigDict:
     # (18.8 vs 23.0 dB after 500 iterations): the kernel then moves too little per image step.
     c.e_step_steps = 5
     c.e_step_burn_in = 2
-    # Steps per jitted call ("auto": the whole E-step) and their form ("auto": unrolled on
-    # the CPU, lax.scan on GPU/TPU; see jaxdeblur.mcem.loop and benchmarks/README.md).
-    # Unrolling compiles slowly for long chains (20 steps at 64²: 160 s): chunk them.
+    # Steps per jitted call and their form. loop "auto": unrolled on the CPU, lax.scan on
+    # GPU/TPU (jaxdeblur.mcem.loop, benchmarks/README.md). e_step_chunk "auto": the whole
+    # E-step per call as a scan; unrolled, at most 5 steps per call, since unrolled compile
+    # time grows with the steps (20 steps at 64²: 160 s).
     c.e_step_chunk = "auto"
     c.loop = "auto"
 
