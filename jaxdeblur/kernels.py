@@ -489,6 +489,34 @@ def interpolated_kernel_field(kernels, image_shape):
     return jnp.einsum("wb,hbij->hwij", cols, per_row, precision=_HIGHEST)
 
 
+def line_kernel(size: int, length: float, angle: float, *, samples: int = 200):
+    """A straight motion kernel through the centre of a ``size × size`` grid.
+
+    ``samples`` equally spaced points from ``-length/2`` to ``length/2`` along the direction
+    ``(sin angle, cos angle)`` (row, column) from the centre are splatted bilinearly
+    (`tent_splat`) and the kernel is normalised to sum 1: uniform linear motion, the
+    synthetic blur of the recovery tests and benchmarks.
+
+    Args:
+      size: odd grid side.
+      length: extent of the motion in pixels (at most ``size - 1``).
+      angle: direction in radians, counter-clockwise from the column axis.
+      samples: number of points along the line.
+
+    Returns:
+      ``(size, size)`` float32, non-negative, summing to 1.
+    """
+    size = _check_kernel_size(size)
+    if not 0 <= length <= size - 1:
+        raise ValueError(f"length must be in [0, {size - 1}] for a {size}x{size} kernel, "
+                         f"got {length}")
+    t = jnp.linspace(-length / 2, length / 2, samples)
+    centre = (size - 1) / 2
+    points = jnp.stack([centre + t * jnp.sin(angle), centre + t * jnp.cos(angle)], axis=-1)
+    kernel = tent_splat(points, jnp.ones((samples,), jnp.float32), size)
+    return kernel / jnp.sum(kernel)
+
+
 def kernel_field_from_kernel(kernel, image_shape):
     """The uniform kernel field: the same ``(k, k)`` kernel at every pixel.
 

@@ -34,6 +34,8 @@ References:
 
 import math
 
+import numpy as np
+
 import jax
 import jax.numpy as jnp
 
@@ -635,3 +637,25 @@ def realblur_psnr_ssim(deblurred, gt, *, n_iter=100):
     crop = lambda a: a[pad:a.shape[0] - pad, pad:a.shape[1] - pad]
     per_channel = jnp.sum(crop(full * mask), axis=(0, 1)) / jnp.sum(crop(mask), axis=(0, 1))
     return value, jnp.mean(per_channel)
+
+
+def kernel_cosine_similarity(estimate, truth, *, max_shift: int = 3) -> float:
+    """Cosine similarity of two kernels, maximised over integer shifts (centring).
+
+    Blind deblurring recovers a kernel up to a translation (the image moves the other way),
+    so the estimate is compared after the best circular shift within ``±max_shift``.
+
+    Args:
+      estimate, truth: ``(k, k)`` kernels.
+      max_shift: largest shift tried along each axis.
+
+    Returns:
+      The best cosine similarity, 1 for identical kernels up to the shift.
+    """
+    estimate, truth = np.asarray(estimate, np.float64), np.asarray(truth, np.float64)
+    best = -1.0
+    for dy in range(-max_shift, max_shift + 1):
+        for dx in range(-max_shift, max_shift + 1):
+            r = np.roll(estimate, (dy, dx), axis=(0, 1))
+            best = max(best, float((r * truth).sum() / np.linalg.norm(r) / np.linalg.norm(truth)))
+    return best

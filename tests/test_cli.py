@@ -16,7 +16,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from jaxdeblur import cli
+from jaxdeblur import cli, kernels
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -398,15 +398,7 @@ def test_mcem_command_makes_a_blurry_photo_sharper(tmp_path):
     photo = skimage.transform.rescale(skimage.data.camera().astype(np.float32) / 255.0, 0.5,
                                       anti_aliasing=True)
     big = photo[90:90 + size + k - 1, 90:90 + size + k - 1]
-    kernel = np.zeros((k, k))
-    centre = (k - 1) / 2
-    for t in np.linspace(-6, 6, 200):
-        y, x = centre + t * np.sin(0.6), centre + t * np.cos(0.6)
-        y0, x0 = int(np.floor(y)), int(np.floor(x))
-        for dy, wy in ((0, 1 - (y - y0)), (1, y - y0)):
-            for dx, wx in ((0, 1 - (x - x0)), (1, x - x0)):
-                kernel[y0 + dy, x0 + dx] += wy * wx
-    kernel /= kernel.sum()
+    kernel = np.asarray(kernels.line_kernel(k, 12, 0.6), np.float64)
     blurry = sum(kernel[i, j] * big[i:i + size, j:j + size] for i in range(k) for j in range(k))
     blurry = np.clip(blurry + 0.01 * np.random.default_rng(0).normal(size=blurry.shape), 0, 1)
     sharp = big[7:7 + size, 7:7 + size]

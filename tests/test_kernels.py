@@ -221,3 +221,13 @@ def test_synthesize_blur_rejects_mismatched_fields():
     with pytest.raises(ValueError, match="kernel_field"):
         kernels.synthesize_blur(jax.random.key(0), jnp.zeros((8, 8, 3)),
                                 jnp.zeros((8, 9, 5, 5)))
+
+
+def test_line_kernel_is_a_centred_normalised_line():
+    k = np.asarray(kernels.line_kernel(15, 12, 0.0))
+    assert k.shape == (15, 15) and k.dtype == np.float32
+    np.testing.assert_allclose(k.sum(), 1.0, rtol=1e-6)
+    assert np.all(k[:7] == 0) and np.all(k[8:] == 0)  # horizontal: the centre row only
+    np.testing.assert_allclose(k[7], k[7, ::-1], atol=1e-7)  # symmetric about the centre
+    with pytest.raises(ValueError, match="length"):
+        kernels.line_kernel(9, 9, 0.0)

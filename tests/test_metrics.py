@@ -217,3 +217,11 @@ def test_realblur_scores_follow_the_official_formulas_on_the_aligned_images():
     expected_ssim = np.mean(ssim_map.sum((0, 1)) / mask[5:-5, 5:-5].sum((0, 1)))
     np.testing.assert_allclose(psnr, expected_psnr, atol=1e-3)
     np.testing.assert_allclose(ssim, expected_ssim, atol=1e-4)
+
+
+def test_kernel_cosine_similarity_ignores_small_shifts():
+    k = np.zeros((9, 9))
+    k[4, 2:7] = 0.2
+    shifted = np.roll(k, (1, -2), axis=(0, 1))
+    assert metrics.kernel_cosine_similarity(shifted, k) == pytest.approx(1.0)
+    assert metrics.kernel_cosine_similarity(np.roll(k, 3, axis=0), k, max_shift=2) < 0.5
