@@ -1,7 +1,8 @@
-"""Tests for jaxdeblur.train: checkpoints, metric logging, mesh helpers."""
+"""Tests for jaxdeblur.train: checkpoints, metric logging, mesh helpers, the step loop."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdeblur.train import checkpoint, logging as metric_logging, mesh
+from jaxdeblur.train import checkpoint, logging as metric_logging, loop, mesh
 
 
 def _state(width=4, seed=0):
@@ -155,3 +156,127 @@ def test_mesh_on_eight_forced_cpu_devices():
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "OK" in out.stdout
+
+
+# --- the shared step loop ---------------------------------------------------------------------
+
+def _saved_steps(workdir):
+    ckpt = checkpoint.CheckpointManager(workdir)
+    steps = ckpt.all_steps()
+    ckpt.close()
+    return steps
+
+
+def test_train_loop_logs_evaluates_and_checkpoints_on_its_cadence(tmp_path, capsys):
+    batches = iter(range(1, 1000))
+    seen, evaluations = [], []
+
+    def step_fn(state, batch):
+        seen.append(batch)
+        return {"count": state["count"] + 1}, {"loss": 1.0 / (state["count"] + 1)}
+
+    ckpt = checkpoint.CheckpointManager(tmp_path, max_to_keep=10, async_save=False)
+    writer = metric_logging.MetricWriter(tmp_path / "metrics.jsonl")
+    state = loop.train_loop(
+        {"count": jnp.asarray(0, jnp.int32)}, step_fn, start=0, num_steps=7,
+        checkpoints=ckpt, writer=writer, log_every=2, eval_every=3, checkpoint_every=3,
+        next_batch=lambda: next(batches), data_state=lambda: {"batches_read": len(seen)},
+        on_log=lambda step, out: {"loss": out["loss"], "step_squared": step**2},
+        log_first_step=True,
+        evaluate=lambda step, state: evaluations.append((step, int(state["count"]))),
+        sync_checkpoints=True, name="toy")
+    assert int(state["count"]) == 7 and seen == list(range(1, 8))
+    lines = metric_logging.read_metrics(tmp_path / "metrics.jsonl")
+    assert [line["step"] for line in lines] == [1, 2, 4, 6]
+    assert lines[2]["loss"] == pytest.approx(0.25) and lines[2]["step_squared"] == 16
+    assert evaluations == [(3, 3), (6, 6), (7, 7)]
+    ckpt = checkpoint.CheckpointManager(tmp_path)
+    assert ckpt.all_steps() == [3, 6, 7]
+    restored = ckpt.restore({"count": jnp.asarray(0, jnp.int32)}, step=6)
+    assert int(restored.state["count"]) == 6 and restored.data_state == {"batches_read": 6}
+    ckpt.close()
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("checkpoint saved")] == [
+        "checkpoint saved: toy step 3", "checkpoint saved: toy step 6",
+        "checkpoint saved: toy step 7"]
+
+
+def test_train_loop_without_batches_and_nothing_left_to_do(tmp_path):
+    def step_fn(state):
+        return {"count": state["count"] + 1}, {"loss": state["count"]}
+
+    ckpt = checkpoint.CheckpointManager(tmp_path, async_save=False)
+    writer = metric_logging.MetricWriter(tmp_path / "metrics.jsonl")
+    state = loop.train_loop({"count": jnp.asarray(2, jnp.int32)}, step_fn, start=2,
+                            num_steps=5, checkpoints=ckpt, writer=writer, log_every=1,
+                            eval_every=10, checkpoint_every=10)
+    assert int(state["count"]) == 5
+    assert [line["loss"] for line in metric_logging.read_metrics(
+        tmp_path / "metrics.jsonl")] == [2, 3, 4]
+    assert _saved_steps(tmp_path) == [5]
+
+    # Resumed at its last step: no step runs and no checkpoint is added.
+    ckpt = checkpoint.CheckpointManager(tmp_path / "done", async_save=False)
+    writer = metric_logging.MetricWriter(tmp_path / "done" / "metrics.jsonl")
+    loop.train_loop({"count": jnp.asarray(5, jnp.int32)}, step_fn, start=5, num_steps=5,
+                    checkpoints=ckpt, writer=writer, log_every=1, eval_every=1,
+                    checkpoint_every=1)
+    assert _saved_steps(tmp_path / "done") == []
+
+
+def test_sigterm_stops_the_loop_between_steps_and_saves_that_step(tmp_path, capsys):
+    """The step that receives SIGTERM completes; the loop saves it, restores the handler
+    that was there before and passes the signal on to it."""
+    received = []
+
+    def outer_handler(signum, frame):
+        received.append(signum)
+
+    def step_fn(state, batch):
+        if batch == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {"count": state["count"] + 1}, {"loss": 0.0}
+
+    before = signal.signal(signal.SIGTERM, outer_handler)
+    int_handler = signal.getsignal(signal.SIGINT)
+    try:
+        batches = iter(range(1, 1000))
+        ckpt = checkpoint.CheckpointManager(tmp_path, async_save=False)
+        writer = metric_logging.MetricWriter(tmp_path / "metrics.jsonl")
+        state = loop.train_loop({"count": jnp.asarray(0, jnp.int32)}, step_fn, start=0,
+                                num_steps=10, checkpoints=ckpt, writer=writer, log_every=1,
+                                eval_every=100, checkpoint_every=5,
+                                next_batch=lambda: next(batches),
+                                data_state=lambda: {"next_batch": 4}, name="toy")
+        assert signal.getsignal(signal.SIGTERM) is outer_handler
+        assert signal.getsignal(signal.SIGINT) is int_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert received == [signal.SIGTERM]
+    assert int(state["count"]) == 3
+    assert [line["step"] for line in metric_logging.read_metrics(
+        tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    ckpt = checkpoint.CheckpointManager(tmp_path)
+    assert ckpt.all_steps() == [3]
+    assert ckpt.restore({"count": jnp.asarray(0, jnp.int32)}).data_state == {"next_batch": 4}
+    ckpt.close()
+    assert "stopped by SIGTERM at toy step 3" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_then_raises_keyboard_interrupt(tmp_path):
+    """Under Python's default SIGINT handler a Ctrl-C ends in KeyboardInterrupt, but only
+    after the step under way and its checkpoint."""
+    def step_fn(state):
+        if int(state["count"]) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return {"count": state["count"] + 1}, {"loss": 0.0}
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    ckpt = checkpoint.CheckpointManager(tmp_path, async_save=False)
+    writer = metric_logging.MetricWriter(tmp_path / "metrics.jsonl")
+    with pytest.raises(KeyboardInterrupt):
+        loop.train_loop({"count": jnp.asarray(0, jnp.int32)}, step_fn, start=0, num_steps=10,
+                        checkpoints=ckpt, writer=writer, log_every=1, eval_every=100,
+                        checkpoint_every=100)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert _saved_steps(tmp_path) == [2]

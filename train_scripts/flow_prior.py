@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import functools
 import pathlib
-import signal
-import sys
 from typing import Any, NamedTuple
 
 from absl import app, flags
@@ -43,6 +41,7 @@ from jaxdeblur import flow as flow_lib  # noqa: E402
 from jaxdeblur import kernels as kernels_lib  # noqa: E402
 from jaxdeblur.train import checkpoint as checkpoint_lib  # noqa: E402
 from jaxdeblur.train import logging as logging_lib  # noqa: E402
+from jaxdeblur.train import loop as loop_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a flow_prior config.",
                                           lock_config=True)
@@ -147,17 +146,6 @@ def plot_kernels(kernels: np.ndarray, path: pathlib.Path, title: str = "") -> No
 def train(config, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last evaluation metrics."""
     workdir = pathlib.Path(workdir)
-    # Ctrl-C and SIGTERM (pre-emption, `kill`) stop the loop between steps, never inside
-    # one: the step donates its input state, so an exception there could leave nothing
-    # valid to save.
-    stop = []
-
-    def request_stop(signum, frame):
-        del frame
-        stop.append(signum)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, request_stop)
     module = flow_lib.KernelFlow(**config.model.to_dict())
     root_key = jax.random.key(config.seed)
     init_key, train_key = jax.random.split(root_key)
@@ -182,8 +170,9 @@ def train(config, workdir: str) -> dict:
                                                  method=flow_lib.KernelFlow.sample))
     schedule = learning_rate_schedule(config)
 
-    def evaluate(state: TrainState) -> dict:
-        step = int(state.step)
+    evaluations: list[dict] = []
+
+    def evaluate(step: int, state: TrainState) -> None:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         metrics = {"eval_nll": mean_nll(module, variables, x_eval)}
         samples = np.asarray(sample(variables, jax.random.key(config.sample_seed)))
@@ -194,35 +183,15 @@ def train(config, workdir: str) -> dict:
                            eval_nll=metrics["eval_nll"],
                            num_eval_kernels=config.num_eval_kernels,
                            eval_seed=config.eval_seed)
-        return metrics
+        evaluations.append(metrics)
 
-    metrics: dict = {}
-    bar = logging_lib.progress(total=config.num_steps, initial=start, desc="flow prior")
-    try:
-        # A host-side step counter: reading state.step would sync with the device every step.
-        step = start
-        while step < config.num_steps and not stop:
-            state, loss = train_step(state)
-            step += 1
-            bar.update(1)
-            if step % config.log_every == 0:
-                line = {"train_nll": loss, "lr": schedule(step - 1)}
-                writer.write(step, line)
-                bar.set_postfix_str(logging_lib.format_metrics(line))
-            if step % config.eval_every == 0 or step == config.num_steps:
-                metrics = evaluate(state)
-            if step % config.checkpoint_every == 0:
-                ckpt.save(step, state)
-    finally:
-        if stop:
-            print(f"stopped by signal {stop[0]} at step {int(state.step)}; saving a checkpoint",
-                  file=sys.stderr)
-        bar.close()
-        if ckpt.latest_step != int(state.step):
-            ckpt.save(int(state.step), state, force=True)
-        ckpt.close()
-        writer.close()
-    return metrics
+    loop_lib.train_loop(
+        state, train_step, start=start, num_steps=config.num_steps, checkpoints=ckpt,
+        writer=writer, log_every=config.log_every, eval_every=config.eval_every,
+        checkpoint_every=config.checkpoint_every,
+        on_log=lambda step, loss: {"train_nll": loss, "lr": schedule(step - 1)},
+        evaluate=evaluate, name="flow prior")
+    return evaluations[-1] if evaluations else {}
 
 
 def main(argv):

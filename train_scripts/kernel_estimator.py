@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import functools
 import pathlib
-import signal
-import sys
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -41,6 +40,7 @@ from jaxdeblur import flow as flow_lib
 from jaxdeblur.nets.ufpnet import UFPNet
 from jaxdeblur.train import checkpoint as checkpoint_lib
 from jaxdeblur.train import logging as logging_lib
+from jaxdeblur.train import loop as loop_lib
 from jaxdeblur.train import mesh as mesh_lib
 
 _DEFAULT_CONFIG = str(pathlib.Path(__file__).parent / "configs" / "ufpnet_tiny.py")
@@ -75,6 +75,15 @@ def train_iterator(config, seed_offset: int = 0):
     return pipeline.make_pipeline(source, batch_size=config.batch_size // jax.process_count(),
                                   crop_size=config.crop_size, seed=config.seed + seed_offset,
                                   num_workers=config.data.num_workers)
+
+
+def next_train_batch(it, mesh) -> Callable[[], dict]:
+    """The next (blurry, sharp) batch of ``it``, split over the mesh's ``data`` axis."""
+    def next_batch():
+        raw = next(it)
+        return mesh_lib.shard_batch({k: raw[k] for k in ("blurry", "sharp")}, mesh)
+
+    return next_batch
 
 
 def eval_batches(config, *, with_kernel_field: bool = False) -> list[dict]:
@@ -267,7 +276,7 @@ def train_kernel_estimator(config, workdir, *, mesh, flow_variables) -> Any:
     eval_set = eval_batches(config, with_kernel_field=config.data.name == "synthetic_blur")
     eval_fn = make_ke_eval_fn(model)
 
-    def evaluate(step):
+    def evaluate(step, state):
         if not eval_set:
             return {}
         metrics = evaluate_kernel_estimator(eval_fn, state.ke_params, flow_variables,
@@ -277,37 +286,13 @@ def train_kernel_estimator(config, workdir, *, mesh, flow_variables) -> Any:
         return metrics
 
     if start == 0:
-        evaluate(0)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    bar = logging_lib.progress(total=stage2.num_steps, initial=start, desc="stage II")
-    try:
-        # A host-side step counter: reading state.step would sync with the devices every
-        # step and stop dispatch from running ahead.
-        step = start
-        while step < stage2.num_steps:
-            raw = next(it)
-            batch = mesh_lib.shard_batch({k: raw[k] for k in ("blurry", "sharp")}, mesh)
-            state, metrics = step_fn(state, flow_variables, batch)
-            step += 1
-            bar.update(1)
-            if step % stage2.log_every == 0:
-                writer.write(step, metrics)
-                bar.set_postfix_str(logging_lib.format_metrics(metrics))
-            if step % stage2.eval_every == 0 or step == stage2.num_steps:
-                evaluate(step)
-            if step % stage2.checkpoint_every == 0 or step == stage2.num_steps:
-                ckpt.save(step, state, data_state=it.get_state(), force=True)
-                ckpt.wait()
-                print(f"checkpoint saved: stage II step {step}", flush=True)
-    except KeyboardInterrupt:
-        print(f"interrupted at stage II step {int(state.step)}; saving a checkpoint",
-              file=sys.stderr)
-        if ckpt.latest_step != int(state.step):
-            ckpt.save(int(state.step), state, data_state=it.get_state(), force=True)
-    finally:
-        bar.close()
-        ckpt.close()
-        writer.close()
+        evaluate(0, state)
+    state = loop_lib.train_loop(
+        state, lambda state, batch: step_fn(state, flow_variables, batch),
+        start=start, num_steps=stage2.num_steps, checkpoints=ckpt, writer=writer,
+        log_every=stage2.log_every, eval_every=stage2.eval_every,
+        checkpoint_every=stage2.checkpoint_every, next_batch=next_train_batch(it, mesh),
+        data_state=it.get_state, evaluate=evaluate, sync_checkpoints=True, name="stage II")
     np.savez(workdir / "kernel_estimator.npz",
              **convert.flatten_variables({"kernel_extra": jax.device_get(state.ke_params)}))
     return jax.device_get(state.ke_params)

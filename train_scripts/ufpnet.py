@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
-import signal
 import sys
 from typing import Any, NamedTuple
 
@@ -51,6 +50,7 @@ import kernel_estimator as ke_lib  # noqa: E402  (sibling script, shared set-up)
 from jaxdeblur import convert, losses  # noqa: E402
 from jaxdeblur.train import checkpoint as checkpoint_lib  # noqa: E402
 from jaxdeblur.train import logging as logging_lib  # noqa: E402
+from jaxdeblur.train import loop as loop_lib  # noqa: E402
 from jaxdeblur.train import mesh as mesh_lib  # noqa: E402
 
 FROZEN = ("kernel_extra", "flow")
@@ -184,7 +184,7 @@ def train_ufpnet(config, workdir, *, mesh, flow_variables, ke_params) -> dict:
     summary: dict = {}
     losses: list = []
 
-    def run_eval(step):
+    def run_eval(step, state):
         if not eval_set:
             return
         metrics = evaluate(config, restore, state, eval_set, workdir, step)
@@ -193,41 +193,21 @@ def train_ufpnet(config, workdir, *, mesh, flow_variables, ke_params) -> dict:
         summary.setdefault("eval_first", {"step": step, **metrics})
         summary["eval_last"] = {"step": step, **metrics}
 
+    def record_loss(step, metrics):
+        loss = float(metrics["loss"])
+        summary.setdefault("loss_first", {"step": step, "loss": loss})
+        summary["loss_last"] = {"step": step, "loss": loss}
+        losses.append((step, loss))
+        return metrics
+
     if start == 0:
-        run_eval(0)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    bar = logging_lib.progress(total=stage3.num_steps, initial=start, desc="stage III")
-    try:
-        # A host-side step counter: reading state.step would sync with the devices every
-        # step and stop dispatch from running ahead.
-        step = start
-        while step < stage3.num_steps:
-            raw = next(it)
-            batch = mesh_lib.shard_batch({k: raw[k] for k in ("blurry", "sharp")}, mesh)
-            state, metrics = step_fn(state, batch)
-            step += 1
-            bar.update(1)
-            if step % stage3.log_every == 0 or step == 1:
-                line = writer.write(step, metrics)
-                summary.setdefault("loss_first", {"step": step, "loss": line["loss"]})
-                summary["loss_last"] = {"step": step, "loss": line["loss"]}
-                losses.append((step, line["loss"]))
-                bar.set_postfix_str(logging_lib.format_metrics(metrics))
-            if step % stage3.eval_every == 0 or step == stage3.num_steps:
-                run_eval(step)
-            if step % stage3.checkpoint_every == 0 or step == stage3.num_steps:
-                ckpt.save(step, state, data_state=it.get_state(), force=True)
-                ckpt.wait()
-                print(f"checkpoint saved: stage III step {step}", flush=True)
-    except KeyboardInterrupt:
-        print(f"interrupted at stage III step {int(state.step)}; saving a checkpoint",
-              file=sys.stderr)
-        if ckpt.latest_step != int(state.step):
-            ckpt.save(int(state.step), state, data_state=it.get_state(), force=True)
-    finally:
-        bar.close()
-        ckpt.close()
-        writer.close()
+        run_eval(0, state)
+    state = loop_lib.train_loop(
+        state, step_fn, start=start, num_steps=stage3.num_steps, checkpoints=ckpt,
+        writer=writer, log_every=stage3.log_every, eval_every=stage3.eval_every,
+        checkpoint_every=stage3.checkpoint_every, next_batch=ke_lib.next_train_batch(it, mesh),
+        data_state=it.get_state, on_log=record_loss, log_first_step=True, evaluate=run_eval,
+        sync_checkpoints=True, name="stage III")
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     np.savez(workdir / "ufpnet.npz", **convert.flatten_variables(variables))
     if len(losses) >= 4:

@@ -1,0 +1,163 @@
+"""The step loop shared by every jaxdeblur training script.
+
+`train_loop` runs a jitted step from a resumed step to the last one and does the
+bookkeeping around it: metric lines, evaluations, checkpoints (with the input pipeline's
+iterator state) and a clean stop on Ctrl-C or SIGTERM.
+
+The steps donate their input state, so an exception raised while one runs could leave no
+valid state to save. Signals therefore only set a flag; the loop stops between two steps,
+saves the state it holds, and then delivers the signal again to the handler that was in
+place before (by default: SIGINT raises ``KeyboardInterrupt``, SIGTERM ends the process),
+so that a pre-empted run still ends as its supervisor asked, with its checkpoint on disk.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from jaxdeblur.train import checkpoint as checkpoint_lib
+from jaxdeblur.train import logging as logging_lib
+
+State = TypeVar("State")
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def train_loop(
+    state: State,
+    step_fn: Callable[..., tuple[State, Any]],
+    *,
+    start: int,
+    num_steps: int,
+    checkpoints: checkpoint_lib.CheckpointManager,
+    writer: logging_lib.MetricWriter,
+    log_every: int,
+    eval_every: int,
+    checkpoint_every: int,
+    next_batch: Callable[[], Any] | None = None,
+    data_state: Callable[[], Any] | None = None,
+    on_log: Callable[[int, Any], Mapping[str, Any]] | None = None,
+    log_first_step: bool = False,
+    evaluate: Callable[[int, State], Any] | None = None,
+    sync_checkpoints: bool = False,
+    name: str = "step",
+) -> State:
+    """Runs ``step_fn`` from step ``start`` to ``num_steps``; returns the final state.
+
+    After step ``s`` (counted on the host: reading ``state.step`` would wait for the
+    device every step and stop dispatch from running ahead), in this order:
+
+    * ``s % log_every == 0`` (or ``s == 1`` with ``log_first_step``): writes
+      ``on_log(s, output)`` (by default the step's output itself) to ``writer``;
+    * ``s % eval_every == 0`` or ``s == num_steps``: calls ``evaluate(s, state)``;
+    * ``s % checkpoint_every == 0``: saves ``state`` and ``data_state()`` as step ``s``.
+
+    When the loop ends, by reaching ``num_steps`` or by a stop signal, after at least one
+    step, a checkpoint of the current step is saved (forced) unless one exists. SIGINT
+    and SIGTERM received while the loop runs stop it after the step under way; their
+    previous handlers are restored on return, and a stop is reported on stderr and then
+    passed on to them (Python's defaults: ``KeyboardInterrupt``, end of the process).
+    ``checkpoints`` and ``writer`` are closed on return (or on an exception).
+
+    Args:
+      state: the train state at step ``start``, placed on the devices.
+      step_fn: the jitted step, ``(state, batch) -> (state, output)``, or
+        ``(state) -> (state, output)`` without ``next_batch``; it may donate ``state``.
+      start: the step of ``state`` (0 on a fresh run, the restored step on resume).
+      num_steps: the last step.
+      checkpoints: where checkpoints go.
+      writer: the ``metrics.jsonl`` writer.
+      log_every: steps between metric lines.
+      eval_every: steps between evaluations (the last step is always evaluated).
+      checkpoint_every: steps between periodic checkpoints.
+      next_batch: returns the next batch, sharded for ``step_fn``; None when the step
+        makes its own data.
+      data_state: returns the input iterator's state, saved with every checkpoint.
+      on_log: ``(step, output) -> metrics``, the line to write for a step's output (the
+        place for derived values and for bookkeeping by the caller).
+      log_first_step: also log step 1, the loss before training has moved much.
+      evaluate: ``(step, state) -> Any``, held-out evaluation; it writes its own lines.
+      sync_checkpoints: force every periodic save, wait until it is on disk and print
+        ``checkpoint saved: <name> step <s>`` (so that whoever reads the log knows the
+        run can resume from there). Otherwise periodic saves follow orbax's own policy
+        and are written in the background.
+      name: what the progress bar and the messages call the run (``"stage II"``).
+
+    Returns:
+      The state after the last step run.
+
+    Example::
+
+      ckpt = CheckpointManager(workdir, model_config=config.model)
+      writer = MetricWriter(workdir / "metrics.jsonl")
+      state = train_loop(state, jax.jit(step, donate_argnums=0), start=0, num_steps=1000,
+                         checkpoints=ckpt, writer=writer, log_every=10, eval_every=100,
+                         checkpoint_every=500, next_batch=lambda: next(batches))
+    """
+    stop: list[int] = []
+    previous = _catch_stop_signals(stop)
+    bar = logging_lib.progress(total=num_steps, initial=start, desc=name)
+
+    def save(step: int, *, force: bool) -> None:
+        checkpoints.save(step, state, force=force,
+                         data_state=data_state() if data_state is not None else None)
+        if sync_checkpoints:
+            checkpoints.wait()
+            print(f"checkpoint saved: {name} step {step}", flush=True)
+
+    step = start
+    try:
+        while step < num_steps and not stop:
+            if next_batch is None:
+                state, output = step_fn(state)
+            else:
+                state, output = step_fn(state, next_batch())
+            step += 1
+            bar.update(1)
+            if step % log_every == 0 or (log_first_step and step == 1):
+                metrics = on_log(step, output) if on_log is not None else output
+                writer.write(step, metrics)
+                bar.set_postfix_str(logging_lib.format_metrics(metrics))
+            if evaluate is not None and (step % eval_every == 0 or step == num_steps):
+                evaluate(step, state)
+            if step % checkpoint_every == 0:
+                save(step, force=sync_checkpoints)
+        if stop:
+            print(f"stopped by {signal.Signals(stop[0]).name} at {name} step {step}",
+                  file=sys.stderr, flush=True)
+        if step > start and checkpoints.latest_step != step:
+            save(step, force=True)
+    finally:
+        bar.close()
+        checkpoints.close()
+        writer.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if stop:
+        signal.raise_signal(stop[0])
+    return state
+
+
+def _catch_stop_signals(stop: list[int]) -> dict[int, Any]:
+    """Makes SIGINT and SIGTERM append to ``stop``; returns the handlers they replace."""
+    if threading.current_thread() is not threading.main_thread():
+        # Python accepts signal handlers only in the main thread; elsewhere the signals
+        # keep their handlers and the loop cannot be stopped cleanly.
+        return {}
+
+    def request_stop(signum, frame):
+        del frame
+        stop.append(signum)
+
+    previous = {}
+    for signum in _STOP_SIGNALS:
+        # None: a handler installed outside Python, which cannot be put back.
+        previous[signum] = signal.getsignal(signum)
+        if previous[signum] is None:
+            previous[signum] = signal.SIG_DFL
+        signal.signal(signum, request_stop)
+    return previous
