@@ -465,9 +465,18 @@ def _log_likelihood(model: MCEMModel, latent, kernels, blurry):
     return -jnp.sum(residual * residual) / (2.0 * model.config.noise_sigma ** 2)
 
 
-def _reset_chain(state: MCEMState) -> MCEMState:
-    chain = state.chain._replace(stats=welford_init(state.chain.stats.mean),
-                                 step=jnp.zeros((), jnp.int32))
+def _reset_chain(model: MCEMModel, state: MCEMState) -> MCEMState:
+    """Starts a new E-step: restarts the burn-in and discounts the moments of earlier ones.
+
+    With ``config.moment_decay = rho`` the sample count and squared deviations are multiplied
+    by ``rho``, so the moments become exponentially weighted over EM iterations (weight
+    ``rho^j`` for samples of the E-step ``j`` iterations back); ``rho = 0`` keeps only the
+    current E-step's samples (plain MCEM).
+    """
+    rho = jnp.float32(model.config.get("moment_decay", 0.0))
+    stats = state.chain.stats
+    stats = Welford(stats.count * rho, stats.mean, stats.m2 * rho)
+    chain = state.chain._replace(stats=stats, step=jnp.zeros((), jnp.int32))
     return state._replace(chain=chain)
 
 
@@ -588,7 +597,7 @@ def em_iteration(model: MCEMModel, state: MCEMState, blurry: jax.Array, *,
         The `MCEMState` after the iteration.
     """
     cfg = model.config
-    state = e_step(model, _reset_chain(state), blurry, length=cfg.e_step_steps,
+    state = e_step(model, _reset_chain(model, state), blurry, length=cfg.e_step_steps,
                    uniform=uniform, unroll=unroll)
     state = m_step(model, state, blurry, length=cfg.m_step_steps, uniform=uniform,
                    unroll=unroll)
@@ -669,7 +678,8 @@ class _Stepper:
             return {u: jax.jit(vm(fn, uniform=u, **static), donate_argnums=0, **out)
                     for u in (False, True)}
 
-        self.reset = jax.jit(jax.vmap(_reset_chain), donate_argnums=0, **out)
+        self.reset = jax.jit(jax.vmap(functools.partial(_reset_chain, model)),
+                             donate_argnums=0, **out)
         self._iteration = jit_step(em_iteration, unroll=unroll)
         self._e = jit_step(e_step, length=self.e_chunk, unroll=unroll)
         self._m = jit_step(m_step, length=self.m_chunk, unroll=unroll)

@@ -96,6 +96,33 @@ def test_welford_matches_numpy():
     np.testing.assert_allclose(mcem.welford_variance(stats), xs[2:].var(0), atol=1e-5)
 
 
+def test_moment_decay_weights_earlier_e_steps_geometrically():
+    """Reset with moment_decay rho, then new samples: weights rho^j for E-steps j back."""
+    rho = 0.5
+    model = mcem.build_model((20, 20, 1), _config(moment_decay=rho))
+    state = mcem.init_state(model, key=jax.random.key(0))
+    xs = jax.random.normal(jax.random.key(3), (2, 3) + model.latent_shape)
+    weights = []
+    for e, samples in enumerate(xs):
+        state = mcem._reset_chain(model, state)
+        stats = state.chain.stats
+        for x in samples:
+            stats = mcem.welford_update(stats, x)
+        state = state._replace(chain=state.chain._replace(stats=stats))
+        weights = [w * rho for w in weights] + [1.0] * len(samples)
+    flat = xs.reshape((-1,) + model.latent_shape)
+    w = jnp.asarray(weights)[:, None, None, None]
+    mean = jnp.sum(w * flat, 0) / w.sum()
+    np.testing.assert_allclose(state.chain.stats.mean, mean, atol=1e-5)
+    np.testing.assert_allclose(mcem.welford_variance(state.chain.stats),
+                               jnp.sum(w * (flat - mean) ** 2, 0) / w.sum(), atol=1e-5)
+    # rho = 0: only the last E-step's samples (plain MCEM).
+    plain = mcem.build_model((20, 20, 1), _config(moment_decay=0.0))
+    reset = mcem._reset_chain(plain, state)
+    assert float(reset.chain.stats.count) == 0.0
+    assert int(reset.chain.step) == 0
+
+
 def test_resolve_chunk_and_unroll():
     assert mcem.resolve_chunk("auto", 10) == 10
     assert mcem.resolve_chunk("auto", 20, unroll=True) == 5
@@ -198,7 +225,7 @@ def test_recovers_a_uniform_motion_blur():
 
     The image is the valid part of the blur of a larger crop, so the model (latent image
     k - 1 pixels larger, reblur cropped) is exact. Measured with these settings: 18.98 dB
-    blurry, 22.76 dB after 400 iterations, kernel L1 error 0.3 (flat kernel 1.75).
+    blurry, 22.42 dB after 400 iterations, kernel cosine 0.93 (flat kernel 0.29).
     """
     import skimage.data
     import skimage.transform
