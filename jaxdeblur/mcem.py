@@ -129,9 +129,9 @@ def sgld(step_size: float, *, temperature: float = 1.0) -> optax.GradientTransfo
         del params
         key, noise_key = jax.random.split(state.key)
         noise = _tree_normal(noise_key, grads)
-        updates = jax.tree.map(
-            lambda g, w: step_size * g + jnp.sqrt(2.0 * step_size * temperature).astype(g.dtype) * w,
-            grads, noise)
+        scale = np.sqrt(2.0 * step_size * temperature)
+        updates = jax.tree.map(lambda g, w: step_size * g + scale.astype(g.dtype) * w,
+                               grads, noise)
         return updates, SGLDState(count=state.count + 1, key=key)
 
     return optax.GradientTransformation(init, update)
@@ -692,12 +692,13 @@ class _Stepper:
         if self.whole:
             return self._iteration[uniform](state, blurry)
         cfg = self.model.config
-        state = self.final_samples(state, blurry, uniform)
+        state = self.e_step(state, blurry, uniform)
         for _ in range(cfg.m_step_steps // self.m_chunk):
             state = self._m[uniform](state, blurry)
         return self.bump(state)
 
-    def final_samples(self, state: MCEMState, blurry: jax.Array, uniform: bool) -> MCEMState:
+    def e_step(self, state: MCEMState, blurry: jax.Array, uniform: bool) -> MCEMState:
+        """One whole E-step (new burn-in, then every chunk of the chain)."""
         state = self.reset(state)
         for _ in range(self.model.config.e_step_steps // self.e_chunk):
             state = self._e[uniform](state, blurry)
@@ -813,7 +814,7 @@ def deblur(
             if callback is not None:
                 callback(it + 1, state, fit)
     uniform = config.em_iterations <= config.warmup_iterations
-    state = stepper.final_samples(state, blurry, uniform)
+    state = stepper.e_step(state, blurry, uniform)
     image, kernels, std, fit = (np.asarray(a) for a in stepper.result(state, blurry, uniform))
     if not np.all(np.isfinite(fit)):
         raise DataFitError(f"final data fit is {fit.tolist()}: the chain diverged")
