@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -363,6 +364,8 @@ class MCEMModel:
     sampler: optax.GradientTransformation
     adam: optax.GradientTransformation
     config: Any
+    # (G, k, k) kernels of a non-blind run (`build_model(known_kernels=...)`), else None.
+    known_kernels: Optional[np.ndarray] = dataclasses.field(default=None, compare=False)
 
     @property
     def num_kernels(self) -> int:
@@ -387,18 +390,38 @@ def _check_image(blurry_shape: tuple, config: Any) -> None:
                          "has pixels along a side; use a coarser config.grid")
 
 
-def build_model(blurry_shape: tuple, config: Any) -> MCEMModel:
+def _check_known_kernels(kernels: Any, num_kernels: int, k: int) -> np.ndarray:
+    kernels = np.asarray(kernels, np.float32)
+    if kernels.shape == (k, k):
+        kernels = np.broadcast_to(kernels, (num_kernels, k, k))
+    if kernels.shape != (num_kernels, k, k):
+        raise ValueError(f"known kernels must have shape ({k}, {k}) (one for every cell) or "
+                         f"({num_kernels}, {k}, {k}) (one per filter-flow cell, row-major), "
+                         f"got {kernels.shape}; config.kernel_size and config.grid set k and "
+                         "the cells")
+    sums = kernels.sum(axis=(1, 2))
+    if not np.all(np.isfinite(kernels)) or np.any(kernels < 0) or np.any(np.abs(sums - 1) > 1e-3):
+        raise ValueError("known kernels must be finite, non-negative and sum to 1 each "
+                         f"(sums: {np.round(sums, 4).tolist()[:8]}); divide each by its sum")
+    return np.ascontiguousarray(kernels)
+
+
+def build_model(blurry_shape: tuple, config: Any, known_kernels: Any = None) -> MCEMModel:
     """Networks, filter-flow geometry and optimisers for images of ``blurry_shape``.
 
     Args:
         blurry_shape: (H, W, C) of one observed image.
         config: an MCEM config (`train_scripts/configs/mcem.py`).
+        known_kernels: optional kernels for a non-blind run, (k, k) for every cell or
+            (G, k, k) per cell: the E-step then samples the image posterior for them, the
+            M-step is skipped and the kernel network is unused.
 
     Returns:
         An `MCEMModel`.
 
     Raises:
-        ValueError: for even or too large kernels, bad image shapes or too fine grids.
+        ValueError: for even or too large kernels, bad image shapes, too fine grids, or
+            known kernels of the wrong shape or not normalised.
     """
     blurry_shape = tuple(int(s) for s in blurry_shape)
     _check_image(blurry_shape, config)
@@ -414,8 +437,10 @@ def build_model(blurry_shape: tuple, config: Any) -> MCEMModel:
         num_kernels=gh * gw, features=tuple(config.kernel_net.features),
         skip_features=config.kernel_net.skip_features, norm=config.kernel_net.norm,
         num_groups=config.kernel_net.num_groups)
+    if known_kernels is not None:
+        known_kernels = _check_known_kernels(known_kernels, gh * gw, k)
     return MCEMModel(blurry_shape, latent_shape, geometry, image_net, kernel_net,
-                     _make_sampler(config), optax.adam(config.m_step_lr), config)
+                     _make_sampler(config), optax.adam(config.m_step_lr), config, known_kernels)
 
 
 def _crop(latent: jax.Array, k: int) -> jax.Array:
@@ -429,6 +454,8 @@ def _reblur(model: MCEMModel, latent: jax.Array, kernels: jax.Array) -> jax.Arra
 
 
 def _kernels(model: MCEMModel, kernel_params: Any, z_kernel: jax.Array, uniform: bool):
+    if model.known_kernels is not None:
+        return jnp.asarray(model.known_kernels)
     return model.kernel_net.apply(kernel_params, z_kernel, tie_heads=uniform)
 
 
@@ -599,8 +626,9 @@ def em_iteration(model: MCEMModel, state: MCEMState, blurry: jax.Array, *,
     cfg = model.config
     state = e_step(model, _reset_chain(model, state), blurry, length=cfg.e_step_steps,
                    uniform=uniform, unroll=unroll)
-    state = m_step(model, state, blurry, length=cfg.m_step_steps, uniform=uniform,
-                   unroll=unroll)
+    if model.known_kernels is None:
+        state = m_step(model, state, blurry, length=cfg.m_step_steps, uniform=uniform,
+                       unroll=unroll)
     return state._replace(iteration=state.iteration + 1)
 
 
@@ -693,7 +721,8 @@ class _Stepper:
             return self._iteration[uniform](state, blurry)
         cfg = self.model.config
         state = self.e_step(state, blurry, uniform)
-        for _ in range(cfg.m_step_steps // self.m_chunk):
+        steps = 0 if self.model.known_kernels is not None else cfg.m_step_steps
+        for _ in range(steps // self.m_chunk):
             state = self._m[uniform](state, blurry)
         return self.bump(state)
 
@@ -717,20 +746,25 @@ _LOOP_FIELDS = ("seed", "em_iterations", "warmup_iterations", "log_every", "chec
                 "synthetic")
 
 
-def _stepper(batch_shape: tuple, config: Any, mesh: Any) -> _Stepper:
-    """Compiled steps, reused across calls with the same image size, config and mesh."""
+def _stepper(batch_shape: tuple, config: Any, mesh: Any, known_kernels: Any = None) -> _Stepper:
+    """Compiled steps, reused across calls with the same image size, config, mesh, kernels."""
     settings = dict(config.to_dict() if hasattr(config, "to_dict") else config)
     for loop_only in _LOOP_FIELDS:
         settings.pop(loop_only, None)
     settings = json.dumps(settings, sort_keys=True, default=str)
-    cache_key = (batch_shape, settings, mesh)
+    known = None
+    if known_kernels is not None:
+        known = np.asarray(known_kernels, np.float32)
+        known = (known.shape, hashlib.sha1(np.ascontiguousarray(known).tobytes()).hexdigest())
+    cache_key = (batch_shape, settings, mesh, known)
     if cache_key not in _STEPPERS:
         sharding = None
         if mesh is not None:
             sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
         if len(_STEPPERS) >= 8:
             _STEPPERS.pop(next(iter(_STEPPERS)))
-        _STEPPERS[cache_key] = _Stepper(build_model(batch_shape[1:], config), sharding)
+        _STEPPERS[cache_key] = _Stepper(build_model(batch_shape[1:], config, known_kernels),
+                                        sharding)
     return _STEPPERS[cache_key]
 
 
@@ -742,6 +776,7 @@ def deblur(
     mesh: Any = None,
     state: Optional[MCEMState] = None,
     callback: Optional[Callable[[int, MCEMState, Any], None]] = None,
+    known_kernels: Any = None,
 ) -> MCEMResult:
     """Blind deblurring of one image, or a batch of same-size images, by Deep EM.
 
@@ -763,6 +798,10 @@ def deblur(
         callback: called as ``callback(iteration, state, fit)`` after every
             ``config.log_every`` iterations, ``fit`` a (B,) host array of data fits; use it
             for progress bars and checkpoints.
+        known_kernels: non-blind mode: (k, k) for every cell or (G, k, k) per cell, shared
+            by the batch. The E-steps sample the image posterior for these kernels (the
+            M-step is skipped); the result's kernels are these. Also the ceiling of a blind
+            run on synthetic data (the image the sampler reaches with the true kernels).
 
     Returns:
         An `MCEMResult` (arrays with a leading batch axis when the input had one).
@@ -780,7 +819,7 @@ def deblur(
         raise ValueError(f"deblur expects (H, W, C) or (B, H, W, C), got {blurry.shape}")
     if not bool(jnp.all(jnp.isfinite(blurry))):
         raise ValueError("the blurry image contains NaN or infinite values")
-    stepper = _stepper(tuple(blurry.shape), config, mesh)
+    stepper = _stepper(tuple(blurry.shape), config, mesh, known_kernels)
     model = stepper.model
     keys = _raw_key(key)
     keys = keys[None] if single else keys

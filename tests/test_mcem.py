@@ -335,6 +335,42 @@ def test_sharded_equals_unsharded_on_8_cpu_devices():
     assert "SHARDED_OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
+def test_known_kernels_non_blind_mode():
+    """Non-blind mode: the given kernels are used and returned, the kernel net never moves.
+
+    A 20² random image blurred by a 3 px horizontal box, run with that kernel (one for each
+    of the 2x2 cells); one EM iteration moves the image network and leaves the kernel net.
+    """
+    k = 5
+    truth = np.zeros((k, k), np.float32)
+    truth[2, 1:4] = 1.0 / 3.0
+    sharp = np.asarray(jax.random.uniform(jax.random.key(3), (20 + k - 1, 20 + k - 1, 1)))
+    blurry = sum(truth[i, j] * sharp[i:i + 20, j:j + 20] for i in range(k) for j in range(k))
+    config = _config(em_iterations=3, warmup_iterations=1)
+    result = mcem.deblur(blurry, config, key=jax.random.key(0), known_kernels=truth)
+    assert result.kernels.shape == (4, k, k)
+    np.testing.assert_allclose(result.kernels, np.broadcast_to(truth, (4, k, k)), atol=1e-7)
+    # The M-step is skipped: the kernel network's parameters stay at their initial values.
+    model = mcem.build_model(blurry.shape, config, known_kernels=truth)
+    state = mcem.init_state(model, key=jax.random.key(0))
+    after = mcem.em_iteration(model, state, jnp.asarray(blurry), uniform=False)
+    for a, b in zip(jax.tree.leaves(after.kernel_params), jax.tree.leaves(state.kernel_params)):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(jax.tree.leaves(after.chain.params)[0],
+                           jax.tree.leaves(state.chain.params)[0])
+
+
+@pytest.mark.parametrize("known, match", [
+    (np.full((3, 3), 1 / 9), "shape"),
+    (np.full((3, 5, 5), 1 / 25), "shape"),
+    (np.full((5, 5), 1 / 20), "sum to 1"),
+    (np.full((5, 5), np.nan), "finite"),
+])
+def test_known_kernels_bad_input(known, match):
+    with pytest.raises(ValueError, match=match):
+        mcem.deblur(jnp.zeros((16, 16, 1)), _config(), key=jax.random.key(0), known_kernels=known)
+
+
 @pytest.mark.parametrize("shape, overrides, match", [
     ((4, 4, 1), {}, "smaller than the 5x5 kernel"),
     ((16, 16, 1), {"kernel_size": 4}, "odd integer"),
