@@ -585,8 +585,10 @@ def m_step(model: MCEMModel, state: MCEMState, blurry: jax.Array, *, length: int
         unroll: straight-line steps instead of a ``lax.scan`` (static; see `loop`).
 
     Returns:
-        The updated `MCEMState`.
+        The updated `MCEMState` (``state`` itself in a non-blind run: the kernels are given).
     """
+    if model.known_kernels is not None:
+        return state
 
     def step(carry, _):
         params, opt_state = carry
@@ -626,9 +628,8 @@ def em_iteration(model: MCEMModel, state: MCEMState, blurry: jax.Array, *,
     cfg = model.config
     state = e_step(model, _reset_chain(model, state), blurry, length=cfg.e_step_steps,
                    uniform=uniform, unroll=unroll)
-    if model.known_kernels is None:
-        state = m_step(model, state, blurry, length=cfg.m_step_steps, uniform=uniform,
-                       unroll=unroll)
+    state = m_step(model, state, blurry, length=cfg.m_step_steps, uniform=uniform,
+                   unroll=unroll)
     return state._replace(iteration=state.iteration + 1)
 
 
@@ -721,8 +722,7 @@ class _Stepper:
             return self._iteration[uniform](state, blurry)
         cfg = self.model.config
         state = self.e_step(state, blurry, uniform)
-        steps = 0 if self.model.known_kernels is not None else cfg.m_step_steps
-        for _ in range(steps // self.m_chunk):
+        for _ in range(cfg.m_step_steps // self.m_chunk):
             state = self._m[uniform](state, blurry)
         return self.bump(state)
 
