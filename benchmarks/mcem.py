@@ -14,6 +14,8 @@ M-step (Adam on the kernel net), and the seconds per EM iteration that the confi
     python benchmarks/mcem.py --recovery uniform --size 128 --iterations 600
     python benchmarks/mcem.py --recovery field --size 256 --iterations 300
     python benchmarks/mcem.py --recovery uniform --size 128 --iterations 900 --known-kernel
+    python benchmarks/mcem.py --recovery uniform --size 128 --iterations 1500 \
+        --set refine_iterations=1200   # + the cold refinement phase (configs/mcem.py)
 
 ``--recovery uniform`` blurs a camera crop with a known 15x15 line kernel (length 11 px, 34
 degrees; uniform model, 1x1 grid, for every iteration) and prints the aligned PSNR
@@ -88,7 +90,7 @@ def recovery(args, config):
         config.warmup_iterations = args.iterations // 4
     blurry = jnp.clip(blurry + noise, 0.0, 1.0)
     config.em_iterations = args.iterations
-    config.log_every = max(1, args.iterations // 10)
+    config.log_every = max(1, mcem.total_iterations(config) // 20)
     t0 = time.perf_counter()
     c0 = time.process_time()
 
@@ -101,8 +103,10 @@ def recovery(args, config):
                          known_kernels=known)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     sharp_np, blurry_np = np.asarray(sharp)[..., 0], np.asarray(blurry)[..., 0]
-    print(f"\nrecovery {args.recovery} {size}x{size}, {args.iterations} EM iterations, kernel "
-          f"{config.kernel_size}, grid {result.grid}")
+    refine = config.get("refine_iterations", 0)
+    phases = f" + {refine} refinement (temperature {config.refine_temperature})" if refine else ""
+    print(f"\nrecovery {args.recovery} {size}x{size}, {args.iterations} EM iterations{phases}, "
+          f"kernel {config.kernel_size}, grid {result.grid}")
     print(f"aligned PSNR blurry   {aligned_psnr(blurry_np, sharp_np):.2f} dB")
     print(f"aligned PSNR restored {aligned_psnr(result.image[..., 0], sharp_np):.2f} dB")
     if args.recovery == "uniform":
@@ -111,6 +115,33 @@ def recovery(args, config):
               f"{metrics.kernel_cosine_similarity(np.full_like(true, 1 / true.size), true):.3f})")
     print(f"wall {wall:.0f} s, process CPU {cpu:.0f} s, mean posterior std "
           f"{float(result.uncertainty.mean()):.4f}")
+    if args.figures:
+        figures(args.figures, sharp_np, blurry_np, result, true if args.recovery == "uniform"
+                else None)
+
+
+def figures(folder, sharp, blurry, result, true_kernel):
+    """Before/after panels, the estimated (and true) kernel, the posterior std, as PNGs."""
+    import pathlib
+
+    import numpy as np
+    from jaxdeblur import io, viz
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    restored = np.clip(result.image[..., 0], 0.0, 1.0)
+    viz.comparison_figure(
+        [blurry, restored, sharp],
+        [f"blurry {aligned_psnr(blurry, sharp):.2f} dB",
+         f"Deep EM {aligned_psnr(restored, sharp):.2f} dB", "sharp"],
+        folder / "recovery_compare.png")
+    shown = [result.kernels[0]] + ([true_kernel] if true_kernel is not None else [])
+    gap = np.ones((shown[0].shape[0], 1))
+    row = np.concatenate(sum(([k / k.max(), gap] for k in shown), [])[:-1], axis=1)
+    io.write_image(folder / "recovery_kernels.png", np.kron(row, np.ones((12, 12))))
+    viz.uncertainty_figure(restored, result.uncertainty[..., 0],
+                           folder / "recovery_uncertainty.png", title="posterior std")
+    print(f"figures in {folder}: recovery_compare.png, recovery_kernels.png (estimated"
+          f"{' | true' if true_kernel is not None else ''}), recovery_uncertainty.png")
 
 
 def main():
@@ -125,6 +156,8 @@ def main():
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--known-kernel", action="store_true",
                         help="with --recovery uniform: non-blind run with the true kernel")
+    parser.add_argument("--figures", default=None, metavar="DIR",
+                        help="with --recovery: write before/after, kernel and std PNGs here")
     parser.add_argument("--set", action="append", default=[],
                         help="config override NAME=PYTHON_VALUE, e.g. image_net.features=(32,)*4")
     args = parser.parse_args()

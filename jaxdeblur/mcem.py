@@ -22,6 +22,9 @@ mask-first efficient filter flow ``y = sum_r k_r * (w_r . x)`` (`jaxdeblur.blur`
   (``config.m_step_variance_term``).
 * Warm-up: the first ``warmup_iterations`` use one kernel for every cell (the kernel
   network's heads are tied, see `KernelNet`), i.e. uniform deblurring initialises T_K.
+* Refinement (ours, off by default): ``refine_iterations`` more iterations with the E-step
+  at ``refine_temperature`` (0: RMSprop, no noise) and the M-step still on; the sampling
+  phase finds the kernel, the cold phase sharpens image and kernel (`refine_model`).
 
 Speed on the CPU: XLA:CPU runs gradients of convolutions inside a while loop (``lax.scan``)
 8-12x slower than the same computation in straight-line code, so ``config.loop = "auto"``
@@ -60,6 +63,7 @@ __all__ = [
     "welford_variance", "ChainState", "langevin_chain", "MCEMState", "MCEMResult", "MCEMModel",
     "build_model", "init_state", "e_step", "m_step", "em_iteration", "result", "deblur",
     "resolve_chunk", "resolve_unroll", "loop", "kernel_centroid", "DataFitError",
+    "refine_model", "snapshot_uncertainty", "total_iterations", "iteration_phase",
 ]
 
 
@@ -194,12 +198,22 @@ def psgld(step_size: float, *, decay: float = 0.99, eps: float = 1e-5,
     return optax.GradientTransformation(init, update)
 
 
-def _make_sampler(config: Any) -> optax.GradientTransformation:
+def _make_sampler(config: Any, refine: bool = False) -> optax.GradientTransformation:
+    """The E-step sampler of the EM phase, or of the refinement phase (``refine=True``)."""
+    if refine:
+        step_size = config.get("refine_step_size", config.step_size)
+        temperature, name = config.get("refine_temperature", 0.0), "config.refine_temperature"
+    else:
+        step_size = config.step_size
+        temperature, name = config.get("temperature", 1.0), "config.temperature"
+    if not temperature >= 0:
+        raise ValueError(f"{name} must be >= 0 (1 samples the posterior, 0 is RMSprop "
+                         f"without noise), got {temperature}")
     if config.sampler == "psgld":
-        return psgld(config.step_size, decay=config.psgld_decay, eps=config.psgld_eps,
-                     temperature=config.get("temperature", 1.0))
+        return psgld(step_size, decay=config.psgld_decay, eps=config.psgld_eps,
+                     temperature=temperature)
     if config.sampler == "sgld":
-        return sgld(config.step_size, temperature=config.get("temperature", 1.0))
+        return sgld(step_size, temperature=temperature)
     raise ValueError(f"config.sampler must be 'psgld' or 'sgld', got {config.sampler!r}")
 
 
@@ -330,6 +344,9 @@ class MCEMState(NamedTuple):
     z_image: jax.Array
     z_kernel: jax.Array
     iteration: jax.Array
+    # Per-pixel posterior variance of the latent image as the sampling (EM) phase left it,
+    # kept for the uncertainty map through a refinement phase (`deblur`); zeros before.
+    posterior_var: jax.Array
 
 
 class MCEMResult(NamedTuple):
@@ -406,6 +423,14 @@ def _check_known_kernels(kernels: Any, num_kernels: int, k: int) -> np.ndarray:
     return np.ascontiguousarray(kernels)
 
 
+def _check_refinement(config: Any) -> None:
+    refine = config.get("refine_iterations", 0)
+    if not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"config.refine_iterations must be an integer >= 0, got {refine!r}")
+    if refine:
+        _make_sampler(config, refine=True)  # bad refinement settings fail here, not later
+
+
 def build_model(blurry_shape: tuple, config: Any, known_kernels: Any = None) -> MCEMModel:
     """Networks, filter-flow geometry and optimisers for images of ``blurry_shape``.
 
@@ -439,6 +464,7 @@ def build_model(blurry_shape: tuple, config: Any, known_kernels: Any = None) -> 
         num_groups=config.kernel_net.num_groups)
     if known_kernels is not None:
         known_kernels = _check_known_kernels(known_kernels, gh * gw, k)
+    _check_refinement(config)
     return MCEMModel(blurry_shape, latent_shape, geometry, image_net, kernel_net,
                      _make_sampler(config), optax.adam(config.m_step_lr), config, known_kernels)
 
@@ -484,7 +510,7 @@ def init_state(model: MCEMModel, *, key: jax.Array) -> MCEMState:
                        welford_init(jnp.zeros(model.latent_shape, jnp.float32)),
                        jnp.zeros((), jnp.int32))
     return MCEMState(chain, kernel_params, model.adam.init(kernel_params), z_image, z_kernel,
-                     jnp.zeros((), jnp.int32))
+                     jnp.zeros((), jnp.int32), jnp.zeros(model.latent_shape, jnp.float32))
 
 
 def _log_likelihood(model: MCEMModel, latent, kernels, blurry):
@@ -668,11 +694,38 @@ def resolve_unroll(value: Any, backend: Optional[str] = None) -> bool:
     raise ValueError(f"config.loop must be 'auto', 'unroll' or 'scan', got {value!r}")
 
 
-def result(model: MCEMModel, state: MCEMState, blurry: jax.Array, *, uniform: bool = False):
-    """Posterior mean image, kernels, per-pixel std and data fit of one image (traceable)."""
+def refine_model(model: MCEMModel) -> MCEMModel:
+    """The model of the refinement phase: the same networks, the refinement sampler.
+
+    After ``config.em_iterations`` of MCEM, ``config.refine_iterations`` more iterations run
+    the E-step chain at ``config.refine_temperature`` (0: RMSprop on the image network, no
+    noise) with step ``config.refine_step_size``, the M-step still fitting the kernels: the
+    sampling phase finds the kernel and a posterior mean, the cold phase sharpens both
+    (see the config for the measurement). The uncertainty map stays the sampling phase's
+    (`snapshot_uncertainty`).
+    """
+    return dataclasses.replace(model, sampler=_make_sampler(model.config, refine=True))
+
+
+def snapshot_uncertainty(state: MCEMState) -> MCEMState:
+    """Stores the chain's current per-pixel variance as the posterior variance of the result.
+
+    Called when the sampling phase ends; a cold refinement afterwards would otherwise shrink
+    the variance to the spread of nearly deterministic iterates.
+    """
+    return state._replace(posterior_var=welford_variance(state.chain.stats))
+
+
+def result(model: MCEMModel, state: MCEMState, blurry: jax.Array, *, uniform: bool = False,
+           refined: bool = False):
+    """Posterior mean image, kernels, per-pixel std and data fit of one image (traceable).
+
+    With ``refined`` (static) the std is that of the sampling phase (``state.posterior_var``).
+    """
     k = model.config.kernel_size
     image = _crop(state.chain.stats.mean, k)
-    std = jnp.sqrt(_crop(welford_variance(state.chain.stats), k))
+    var = state.posterior_var if refined else welford_variance(state.chain.stats)
+    std = jnp.sqrt(_crop(var, k))
     kernels = _kernels(model, state.kernel_params, state.z_kernel, uniform)
     if uniform:
         kernels = jnp.broadcast_to(kernels, (model.num_kernels,) + kernels.shape[1:])
@@ -680,70 +733,99 @@ def result(model: MCEMModel, state: MCEMState, blurry: jax.Array, *, uniform: bo
 
 
 class _Stepper:
-    """jit(vmap(.)) versions of the MCEM steps for one model, batch and sharding."""
+    """jit(vmap(.)) versions of the MCEM steps for one model, batch and sharding.
+
+    Every step is compiled per phase, ``(uniform, refine)``: the warm-up ties the kernel
+    heads, the refinement phase uses `refine_model`'s sampler.
+    """
 
     def __init__(self, model: MCEMModel, sharding: Any = None):
         cfg = model.config
         self.model = model
+        self.models = {False: model}
         self.sharding = sharding
-        unroll = resolve_unroll(cfg.get("loop", "auto"))
-        self.e_chunk = resolve_chunk(cfg.e_step_chunk, cfg.e_step_steps, unroll)
-        self.m_chunk = resolve_chunk(cfg.m_step_chunk, cfg.m_step_steps, unroll)
+        self.unroll = resolve_unroll(cfg.get("loop", "auto"))
+        self.e_chunk = resolve_chunk(cfg.e_step_chunk, cfg.e_step_steps, self.unroll)
+        self.m_chunk = resolve_chunk(cfg.m_step_chunk, cfg.m_step_steps, self.unroll)
         self.whole = (self.e_chunk == cfg.e_step_steps and self.m_chunk == cfg.m_step_steps)
-        out = {} if sharding is None else {"out_shardings": sharding}
+        self._compiled: dict = {}
+        donate = {"donate_argnums": 0}
+        self.reset = self._jit(jax.vmap(functools.partial(_reset_chain, model)), **donate)
+        self.bump = self._jit(jax.vmap(lambda s: s._replace(iteration=s.iteration + 1)),
+                              **donate)
+        self.snapshot = self._jit(jax.vmap(snapshot_uncertainty), **donate)
 
-        def vm(fn, **static):
-            batched = jax.vmap(functools.partial(fn, model, **static))
-            if sharding is None:
-                return batched
-            # Each device runs the vmapped step on its own slice of the batch. Leaving the
-            # split to XLA's SPMD partitioner failed on the filter flow's grouped
-            # convolution ("output feature dimension (4) not divisible by
-            # feature_group_count (8)"); per-device code has nothing to partition.
-            spec = jax.sharding.PartitionSpec("data")
-            return jax.shard_map(batched, mesh=sharding.mesh, in_specs=spec, out_specs=spec)
+    def _jit(self, fn, **kwargs):
+        if self.sharding is not None:
+            kwargs["out_shardings"] = self.sharding
+        return jax.jit(fn, **kwargs)
 
-        def jit_step(fn, **static):
-            return {u: jax.jit(vm(fn, uniform=u, **static), donate_argnums=0, **out)
-                    for u in (False, True)}
+    def _step(self, fn, phase: tuple, donate: bool = True, **static):
+        """``fn`` of the phase's model, vmapped (shard_mapped on a mesh) and jitted, cached."""
+        cache_key = (fn, phase, tuple(sorted(static.items())))
+        if cache_key not in self._compiled:
+            uniform, refine = phase
+            if refine not in self.models:
+                self.models[refine] = refine_model(self.model)
+            batched = jax.vmap(functools.partial(fn, self.models[refine], uniform=uniform,
+                                                 **static))
+            if self.sharding is not None:
+                # Each device runs the vmapped step on its own slice of the batch. Leaving the
+                # split to XLA's SPMD partitioner failed on the filter flow's grouped
+                # convolution ("output feature dimension (4) not divisible by
+                # feature_group_count (8)"); per-device code has nothing to partition.
+                spec = jax.sharding.PartitionSpec("data")
+                batched = jax.shard_map(batched, mesh=self.sharding.mesh, in_specs=spec,
+                                        out_specs=spec)
+            self._compiled[cache_key] = self._jit(batched, **(
+                {"donate_argnums": 0} if donate else {}))
+        return self._compiled[cache_key]
 
-        self.reset = jax.jit(jax.vmap(functools.partial(_reset_chain, model)),
-                             donate_argnums=0, **out)
-        self._iteration = jit_step(em_iteration, unroll=unroll)
-        self._e = jit_step(e_step, length=self.e_chunk, unroll=unroll)
-        self._m = jit_step(m_step, length=self.m_chunk, unroll=unroll)
-        self._fit = {u: jax.jit(vm(data_fit, uniform=u)) for u in (False, True)}
-        self._result = {u: jax.jit(vm(result, uniform=u)) for u in (False, True)}
-        self.bump = jax.jit(jax.vmap(lambda s: s._replace(iteration=s.iteration + 1)),
-                            donate_argnums=0, **out)
-
-    def iteration(self, state: MCEMState, blurry: jax.Array, uniform: bool) -> MCEMState:
+    def iteration(self, state: MCEMState, blurry: jax.Array, phase: tuple) -> MCEMState:
+        """One EM iteration of ``phase = (uniform, refine)``."""
         if self.whole:
-            return self._iteration[uniform](state, blurry)
+            return self._step(em_iteration, phase, unroll=self.unroll)(state, blurry)
         cfg = self.model.config
-        state = self.e_step(state, blurry, uniform)
+        state = self.e_step(state, blurry, phase)
+        m = self._step(m_step, phase, length=self.m_chunk, unroll=self.unroll)
         for _ in range(cfg.m_step_steps // self.m_chunk):
-            state = self._m[uniform](state, blurry)
+            state = m(state, blurry)
         return self.bump(state)
 
-    def e_step(self, state: MCEMState, blurry: jax.Array, uniform: bool) -> MCEMState:
+    def e_step(self, state: MCEMState, blurry: jax.Array, phase: tuple) -> MCEMState:
         """One whole E-step (new burn-in, then every chunk of the chain)."""
         state = self.reset(state)
+        e = self._step(e_step, phase, length=self.e_chunk, unroll=self.unroll)
         for _ in range(self.model.config.e_step_steps // self.e_chunk):
-            state = self._e[uniform](state, blurry)
+            state = e(state, blurry)
         return state
 
-    def data_fit(self, state, blurry, uniform):
-        return self._fit[uniform](state, blurry)
+    def data_fit(self, state, blurry, phase):
+        # The data fit does not involve the sampler: one compiled function for both phases.
+        return self._step(data_fit, (phase[0], False), donate=False)(state, blurry)
 
-    def result(self, state, blurry, uniform):
-        return self._result[uniform](state, blurry)
+    def result(self, state, blurry, phase):
+        return self._step(result, phase, donate=False, refined=phase[1])(state, blurry)
+
+
+def total_iterations(config: Any) -> int:
+    """EM iterations of a run: the sampling phase and the refinement phase."""
+    return config.em_iterations + config.get("refine_iterations", 0)
+
+
+def iteration_phase(config: Any, iteration: int) -> tuple[bool, bool]:
+    """``(uniform, refine)`` of the 0-based EM iteration ``iteration`` (``total_iterations``:
+    the final E-step). Warm-up iterations tie the kernel heads; the refinement phase keeps
+    the kernel mode the sampling phase ended in."""
+    refine = iteration >= config.em_iterations and config.get("refine_iterations", 0) > 0
+    uniform = min(iteration, config.em_iterations - 1) < config.warmup_iterations
+    return uniform, refine
 
 
 _STEPPERS: dict = {}
 # Config fields that only steer the host loop; they do not change what is compiled.
-_LOOP_FIELDS = ("seed", "em_iterations", "warmup_iterations", "log_every", "checkpoint_every",
-                "synthetic")
+_LOOP_FIELDS = ("seed", "em_iterations", "warmup_iterations", "refine_iterations", "log_every",
+                "checkpoint_every", "synthetic")
 
 
 def _stepper(batch_shape: tuple, config: Any, mesh: Any, known_kernels: Any = None) -> _Stepper:
@@ -781,11 +863,14 @@ def deblur(
     """Blind deblurring of one image, or a batch of same-size images, by Deep EM.
 
     Runs ``config.em_iterations`` MCEM iterations (the first ``config.warmup_iterations``
-    with one kernel for every cell), then a last E-step whose post-burn-in samples give the
-    posterior mean and standard deviation. A batch is handled by ``jax.vmap`` of the
-    one-image steps; with a ``mesh`` the batch axis is sharded over its ``data`` axis
-    (batch size divisible by the axis size) and the steps run under ``jax.jit`` with
-    ``NamedSharding``.
+    with one kernel for every cell), then ``config.refine_iterations`` cold ones (the E-step
+    at ``config.refine_temperature``, see `refine_model`), then a last E-step whose
+    post-burn-in samples give the posterior mean; the standard deviation is that of the
+    sampling phase. Iterations are counted across both phases (``state.iteration``, the
+    callback's ``iteration``), so a run resumes from a checkpoint in either. A batch is
+    handled by ``jax.vmap`` of the one-image steps; with a ``mesh`` the batch axis is
+    sharded over its ``data`` axis (batch size divisible by the axis size) and the steps
+    run under ``jax.jit`` with ``NamedSharding``.
 
     Args:
         blurry: (H, W, C) or (B, H, W, C) float32 in [0, 1].
@@ -819,6 +904,7 @@ def deblur(
         raise ValueError(f"deblur expects (H, W, C) or (B, H, W, C), got {blurry.shape}")
     if not bool(jnp.all(jnp.isfinite(blurry))):
         raise ValueError("the blurry image contains NaN or infinite values")
+    _check_refinement(config)  # loop-only fields: a cached stepper does not check them
     stepper = _stepper(tuple(blurry.shape), config, mesh, known_kernels)
     model = stepper.model
     keys = _raw_key(key)
@@ -838,12 +924,15 @@ def deblur(
         state = jax.device_put(state, sharding)
     history = []
     start = int(np.asarray(state.iteration).reshape(-1)[0])
-    for it in range(start, config.em_iterations):
-        uniform = it < config.warmup_iterations
-        state = stepper.iteration(state, blurry, uniform)
-        last = it + 1 == config.em_iterations
+    total = total_iterations(config)
+    for it in range(start, total):
+        phase = iteration_phase(config, it)
+        if phase[1] and it == config.em_iterations:
+            state = stepper.snapshot(state)
+        state = stepper.iteration(state, blurry, phase)
+        last = it + 1 == total
         if (it + 1) % config.log_every == 0 or last:
-            fit = np.asarray(stepper.data_fit(state, blurry, uniform))
+            fit = np.asarray(stepper.data_fit(state, blurry, phase))
             if not np.all(np.isfinite(fit)):
                 raise DataFitError(
                     f"data fit is {fit.tolist()} at EM iteration {it + 1}: the chain diverged. "
@@ -852,9 +941,9 @@ def deblur(
             history.append((it + 1, fit.tolist()))
             if callback is not None:
                 callback(it + 1, state, fit)
-    uniform = config.em_iterations <= config.warmup_iterations
-    state = stepper.e_step(state, blurry, uniform)
-    image, kernels, std, fit = (np.asarray(a) for a in stepper.result(state, blurry, uniform))
+    phase = iteration_phase(config, total)
+    state = stepper.e_step(state, blurry, phase)
+    image, kernels, std, fit = (np.asarray(a) for a in stepper.result(state, blurry, phase))
     if not np.all(np.isfinite(fit)):
         raise DataFitError(f"final data fit is {fit.tolist()}: the chain diverged")
     if single:

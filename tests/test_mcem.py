@@ -389,3 +389,76 @@ def test_nan_input_and_nan_data_fit():
     config = _config(sampler="sgld", step_size=1e30, em_iterations=1)
     with pytest.raises(mcem.DataFitError, match="diverged"):
         mcem.deblur(_blurry_batch(1, size=16)[0], config, key=jax.random.key(0))
+
+
+def test_refinement_phase_keeps_sampling_uncertainty_and_resumes(tmp_path, capsys):
+    """The cold refinement phase after EM: counted iterations, the sampling phase's std, resume.
+
+    3 EM iterations (warm-up mode, as the uniform recovery runs) then 2 refinement iterations
+    at temperature 0. The result's
+    uncertainty is the chain's std when the sampling phase ended (state after iteration 3),
+    the image differs from the run without refinement, and a run resumed from the state
+    inside the refinement phase (iteration 4) ends exactly where the uninterrupted run does.
+    """
+    blurry = _blurry_batch(1, size=16)[0]
+    config = _config(em_iterations=3, warmup_iterations=3, refine_iterations=2,
+                     refine_temperature=0.0, refine_step_size=0.005, log_every=1)
+    states = {}
+
+    def keep(it, st, fit):
+        states[it] = jax.tree.map(np.array, st)  # host copies: the next step donates st
+
+    refined = mcem.deblur(blurry, config, key=jax.random.key(1), callback=keep)
+    assert [it for it, _ in refined.history] == [1, 2, 3, 4, 5]
+    k = config.kernel_size
+    var = mcem.welford_variance(jax.tree.map(lambda a: a[0], states[3]).chain.stats)
+    expected = np.sqrt(np.asarray(mcem._crop(var, k)))
+    assert expected.max() > 0
+    np.testing.assert_allclose(refined.uncertainty, expected, rtol=1e-6)
+    np.testing.assert_array_equal(states[5].posterior_var, states[4].posterior_var)
+
+    no_refine = _config(em_iterations=3, warmup_iterations=3)
+    plain = mcem.deblur(blurry, no_refine, key=jax.random.key(1))
+    assert np.abs(plain.image - refined.image).max() > 1e-4
+
+    resumed = mcem.deblur(blurry, config, key=jax.random.key(1),
+                          state=jax.tree.map(jnp.asarray, states[4]))
+    np.testing.assert_allclose(resumed.image, refined.image, atol=1e-6)
+    np.testing.assert_allclose(resumed.kernels, refined.kernels, atol=1e-7)
+    np.testing.assert_allclose(resumed.uncertainty, refined.uncertainty, atol=1e-7)
+
+    # train_scripts/mcem.py (same image and compiled steps): checkpoints every 2 iterations
+    # and at the end; re-run with 4 refinement iterations it resumes from iteration 5 and
+    # keeps the sampling phase's uncertainty map, which travels in the checkpoint.
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "mcem_script", os.path.join(_REPO, "train_scripts", "mcem.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    config.checkpoint_every = 2
+    batch = np.asarray(blurry)[None]
+    first = script._deblur_group(["a"], batch, config, tmp_path, jax.random.key(2), shard=False)
+    folder = tmp_path / "16x16x1" / "checkpoints"
+
+    def steps():
+        return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+    assert steps() == [4, 5]
+    config.refine_iterations = 4
+    second = script._deblur_group(["a"], batch, config, tmp_path, jax.random.key(2),
+                                  shard=False)
+    assert "resuming from EM iteration 5" in capsys.readouterr().out
+    assert steps() == [6, 7]
+    np.testing.assert_allclose(second.uncertainty, first.uncertainty, rtol=1e-6)
+    assert np.abs(second.image - first.image).max() > 1e-5
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"refine_iterations": -1}, "refine_iterations"),
+    ({"refine_iterations": 2, "refine_temperature": -0.5}, "refine_temperature"),
+    ({"refine_iterations": 2, "refine_step_size": 0.0}, "step_size"),
+])
+def test_refinement_bad_config(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        mcem.deblur(jnp.zeros((16, 16, 1)), _config(**overrides), key=jax.random.key(0))
+

@@ -15,6 +15,9 @@ posterior std, scaled to the largest std, which ``summary.json`` records), ``sum
 and ``metrics.jsonl``. Checkpoints go to ``<workdir>/<group>/checkpoints`` every
 ``config.checkpoint_every`` EM iterations; re-running the same command resumes. A NaN or
 infinite data fit stops the run with a message; the last good checkpoint is kept.
+``--config.refine_iterations=N`` adds the cold refinement phase after the EM iterations
+(configs/mcem.py); the progress bar and checkpoints count across both phases, so a finished
+run re-run with a larger N continues its refinement.
 """
 
 import json
@@ -78,7 +81,7 @@ def _read_inputs(paths):
     return images, {}
 
 
-def _deblur_group(names, batch, config, workdir, key):
+def _deblur_group(names, batch, config, workdir, key, shard=True):
     group = f"{batch.shape[1]}x{batch.shape[2]}x{batch.shape[3]}"
     model = mcem.build_model(batch.shape[1:], config)
     keys = jax.random.split(key, len(names))
@@ -95,19 +98,20 @@ def _deblur_group(names, batch, config, workdir, key):
     if restored:
         print(f"[{group}] resuming from EM iteration {start}")
     mesh = None
-    if _SHARD.value and jax.device_count() > 1 and len(names) % jax.device_count() == 0:
+    if shard and jax.device_count() > 1 and len(names) % jax.device_count() == 0:
         mesh = jax.make_mesh((jax.device_count(),), ("data",),
                              axis_types=(jax.sharding.AxisType.Auto,))
     writer = train_logging.MetricWriter(workdir / f"metrics_{group}.jsonl",
                                         resume_step=start if restored else None)
-    bar = train_logging.progress(total=config.em_iterations, initial=start,
+    total = mcem.total_iterations(config)
+    bar = train_logging.progress(total=total, initial=start,
                                  desc=f"MCEM {group}", disable=False)
 
     def callback(it, st, fit):
         bar.update(it - bar.n)
         bar.set_postfix_str(f"data_fit={float(np.mean(fit)):.3e}")
         writer.write(it, {"data_fit": fit})
-        if it % config.checkpoint_every == 0 or it == config.em_iterations:
+        if it % config.checkpoint_every == 0 or it == total:
             ckpt.save(it, jax.device_get(st))  # host copy: the next step donates st
 
     try:
@@ -143,7 +147,7 @@ def main(argv):
         key, group_key = jax.random.split(key)
         batch = np.stack([images[n] for n in names])
         t0 = time.time()
-        result = _deblur_group(names, batch, config, workdir, group_key)
+        result = _deblur_group(names, batch, config, workdir, group_key, _SHARD.value)
         seconds = time.time() - t0
         for i, name in enumerate(names):
             restored, std = result.image[i], result.uncertainty[i]
