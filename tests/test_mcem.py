@@ -1,10 +1,12 @@
 """Tests for jaxdeblur.mcem: Langevin samplers, the chunked E-step, and MCEM end to end."""
 
+import contextlib
 import os
 import subprocess
 import sys
 import textwrap
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -430,6 +432,28 @@ def test_refinement_phase_keeps_sampling_uncertainty_and_resumes(tmp_path, capsy
     # train_scripts/mcem.py (same image and compiled steps): checkpoints every 2 iterations
     # and at the end; re-run with 4 refinement iterations it resumes from iteration 5 and
     # keeps the sampling phase's uncertainty map, which travels in the checkpoint.
+    with _script_flags_isolated():
+        _run_train_script(config, blurry, tmp_path, capsys)
+
+
+@contextlib.contextmanager
+def _script_flags_isolated(names=("config", "workdir", "shard")):
+    """Lets train_scripts/mcem.py define its absl flags in a process where another train
+    script (imported by another test) already defined flags of the same names."""
+    saved = {n: flags.FLAGS[n] for n in names if n in flags.FLAGS}
+    for n in saved:
+        delattr(flags.FLAGS, n)
+    try:
+        yield
+    finally:
+        for n in names:
+            if n in flags.FLAGS:
+                delattr(flags.FLAGS, n)
+        for n, flag in saved.items():
+            flags.FLAGS[n] = flag
+
+
+def _run_train_script(config, blurry, tmp_path, capsys):
     import importlib.util
     spec = importlib.util.spec_from_file_location(
         "mcem_script", os.path.join(_REPO, "train_scripts", "mcem.py"))
