@@ -749,13 +749,13 @@ class _Stepper:
         self.m_chunk = resolve_chunk(cfg.m_step_chunk, cfg.m_step_steps, self.unroll)
         self.whole = (self.e_chunk == cfg.e_step_steps and self.m_chunk == cfg.m_step_steps)
         self._compiled: dict = {}
-        donate = {"donate_argnums": 0}
-        self.reset = self._jit(jax.vmap(functools.partial(_reset_chain, model)), **donate)
-        self.bump = self._jit(jax.vmap(lambda s: s._replace(iteration=s.iteration + 1)),
-                              **donate)
-        self.snapshot = self._jit(jax.vmap(snapshot_uncertainty), **donate)
+        self.reset = self._jit(jax.vmap(functools.partial(_reset_chain, model)))
+        self.bump = self._jit(jax.vmap(lambda s: s._replace(iteration=s.iteration + 1)))
+        self.snapshot = self._jit(jax.vmap(snapshot_uncertainty))
 
-    def _jit(self, fn, **kwargs):
+    def _jit(self, fn, donate: bool = True):
+        """jit with the state (argument 0) donated and outputs on the batch sharding."""
+        kwargs = {"donate_argnums": 0} if donate else {}
         if self.sharding is not None:
             kwargs["out_shardings"] = self.sharding
         return jax.jit(fn, **kwargs)
@@ -777,8 +777,7 @@ class _Stepper:
                 spec = jax.sharding.PartitionSpec("data")
                 batched = jax.shard_map(batched, mesh=self.sharding.mesh, in_specs=spec,
                                         out_specs=spec)
-            self._compiled[cache_key] = self._jit(batched, **(
-                {"donate_argnums": 0} if donate else {}))
+            self._compiled[cache_key] = self._jit(batched, donate)
         return self._compiled[cache_key]
 
     def iteration(self, state: MCEMState, blurry: jax.Array, phase: tuple) -> MCEMState:
@@ -814,9 +813,11 @@ def total_iterations(config: Any) -> int:
 
 
 def iteration_phase(config: Any, iteration: int) -> tuple[bool, bool]:
-    """``(uniform, refine)`` of the 0-based EM iteration ``iteration`` (``total_iterations``:
-    the final E-step). Warm-up iterations tie the kernel heads; the refinement phase keeps
-    the kernel mode the sampling phase ended in."""
+    """``(uniform, refine)`` of the 0-based EM iteration ``iteration``.
+
+    ``iteration = total_iterations(config)`` is the final E-step. Warm-up iterations tie the
+    kernel heads; the refinement phase keeps the kernel mode the sampling phase ended in.
+    """
     refine = iteration >= config.em_iterations and config.get("refine_iterations", 0) > 0
     uniform = min(iteration, config.em_iterations - 1) < config.warmup_iterations
     return uniform, refine
