@@ -16,7 +16,7 @@ PATH defaults to ``../shared/fixtures/flow_motion.npz`` (the official checkpoint
 With ``--compare`` it instead compares the quality of two priors (ours, shipped in
 ``jaxdeblur/assets``, and the official one given by ``--weights``): the mean eval-mode
 negative log-likelihood (nats per kernel, logit space, the training objective) on the
-held-out kernels of ``train_scripts/configs/flow_prior.py`` (same kernels, same
+held-out kernels of ``jaxdeblur/configs/flow_prior.py`` (same kernels, same
 dequantisation noise for both), the sums of their samples, and a side-by-side PNG of
 samples from the same latents::
 
@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from jaxdeblur import convert, flow  # noqa: E402
+from jaxdeblur import configs, convert, flow  # noqa: E402
+from jaxdeblur.train import flow_prior as flow_training  # noqa: E402
 
 _DEFAULT_WEIGHTS = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
                     / "flow_motion.npz")
@@ -153,15 +154,6 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _load_by_path(name: str, path: pathlib.Path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def compare_priors(official_weights: str, ours: str, png: str, n_samples: int = 36) -> None:
     """Held-out NLL and samples of our prior vs the official one (see module docstring)."""
     import matplotlib
@@ -169,13 +161,10 @@ def compare_priors(official_weights: str, ours: str, png: str, n_samples: int = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    root = pathlib.Path(__file__).resolve().parents[1]
-    train = _load_by_path("flow_prior_train", root / "train_scripts" / "flow_prior.py")
-    config = _load_by_path("flow_prior_config",
-                           root / "train_scripts" / "configs" / "flow_prior.py").get_config()
+    config = configs.load("flow_prior")
     priors = {"ours": flow.load_pretrained() if ours == "ours" else flow.load_flow(ours),
               "official": flow.load_pretrained(official_weights)}
-    x_eval = train.held_out_set(priors["ours"][0], config)
+    x_eval = flow_training.held_out_set(priors["ours"][0], config)
     z = jax.random.normal(jax.random.key(config.sample_seed), (n_samples, x_eval.shape[1]))
     print(f"# held-out NLL: {config.num_eval_kernels} kernels of jaxdeblur.kernels."
           f"motion_kernel (eval_seed {config.eval_seed}), dequantised, logit space, "

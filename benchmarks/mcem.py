@@ -31,7 +31,6 @@ RTX 3090 (whole run; iteration counts not published).
 
 import argparse
 import functools
-import importlib.util
 import os
 import resource
 import sys
@@ -41,14 +40,11 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jaxdeblur import mcem, metrics  # noqa: E402
+from jaxdeblur import configs, mcem, metrics  # noqa: E402
 
 
-def load_config(path):
-    spec = importlib.util.spec_from_file_location("mcem_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+def load_config(name_or_path):
+    return configs.load(name_or_path)
 
 
 def compiled_bytes(compiled):
@@ -103,7 +99,7 @@ def recovery(args, config):
                          known_kernels=known)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     sharp_np, blurry_np = np.asarray(sharp)[..., 0], np.asarray(blurry)[..., 0]
-    refine = config.get("refine_iterations", 0)
+    refine = config.refine_iterations
     phases = f" + {refine} refinement (temperature {config.refine_temperature})" if refine else ""
     print(f"\nrecovery {args.recovery} {size}x{size}, {args.iterations} EM iterations{phases}, "
           f"kernel {config.kernel_size}, grid {result.grid}")
@@ -146,9 +142,8 @@ def figures(folder, sharp, blurry, result, true_kernel):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_scripts",
-        "configs", "mcem.py"))
+    parser.add_argument("--config", default="mcem",
+                        help="a shipped config name or a get_config() file")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--chunks", default="1,5,25")

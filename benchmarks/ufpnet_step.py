@@ -20,33 +20,24 @@ Random weights; the figures do not depend on their values.
 from __future__ import annotations
 
 import argparse
-import pathlib
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "train_scripts"))
-
-import kernel_estimator as ke_lib  # noqa: E402
-import ufpnet as train_lib  # noqa: E402
+from jaxdeblur import configs
+from jaxdeblur.train import kernel_estimator as ke_lib
+from jaxdeblur.train import ufpnet as train_lib
 
 CONFIGS = {
-    "tiny": "ufpnet_tiny.py",
-    "official": "ufpnet_gopro.py",
+    "tiny": "ufpnet_tiny",
+    "official": "ufpnet_gopro",
 }
 
 
 def _config(name):
-    import importlib.util
-    path = REPO / "train_scripts" / "configs" / CONFIGS[name]
-    spec = importlib.util.spec_from_file_location(f"bench_cfg_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return configs.load(CONFIGS[name])
 
 
 def _memory(compiled) -> float:

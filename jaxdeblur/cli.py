@@ -25,24 +25,27 @@ and no existing file is replaced without ``--overwrite``.
 from __future__ import annotations
 
 import argparse
-import ast
 import glob
 import json
-import math
 import os
 import pathlib
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from typing import Any
 
+import jax
 import numpy as np
+import tensorflow_datasets as tfds
+from tqdm.auto import tqdm
 
+from jaxdeblur import __version__, color, configs, convert, io, metrics, photo, viz
 from jaxdeblur.io import IMAGE_EXTENSIONS as IMAGE_SUFFIXES
+from jaxdeblur.train import checkpoint as checkpoint_lib
+from jaxdeblur.train import mcem as mcem_runs
+from jaxdeblur.train import ufpnet as ufpnet_runs
 
 PROG = "jaxdeblur"
-CONVERTED_META = "jaxdeblur.json"
 
 
 class CLIError(Exception):
@@ -149,8 +152,6 @@ def check_readable(inputs: Sequence[pathlib.Path]) -> None:
     Raises:
       CLIError: listing every file that cannot be read as an image.
     """
-    from jaxdeblur import io
-
     bad = []
     for path in inputs:
         try:
@@ -172,8 +173,6 @@ def read_photo(path: pathlib.Path):
     Raises:
       CLIError: the file cannot be read as an image.
     """
-    from jaxdeblur import io
-
     try:
         image, alpha = io.read_image(path, return_alpha=True)
         info = io.read_image_info(path)
@@ -193,8 +192,6 @@ def output_bit_depth(path: pathlib.Path, info) -> int:
 
 def write_photo(path: pathlib.Path, image: np.ndarray, info) -> None:
     """Writes ``image`` (alpha last) with the input's bit depth where the format allows."""
-    from jaxdeblur import io
-
     try:
         io.write_image(path, image, bit_depth=output_bit_depth(path, info))
     except (OSError, ValueError) as err:
@@ -206,334 +203,14 @@ def write_photo(path: pathlib.Path, image: np.ndarray, info) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def load_mcem_config(path: str | None, overrides: Sequence[str]):
-    """An MCEM config from a ``get_config()`` file (default: the repository's
-    ``train_scripts/configs/mcem.py``) with ``KEY=VALUE`` overrides (dotted keys, Python
-    literals: ``em_iterations=50``, ``grid=(2,2)``, ``image_net.features=(16,16)``).
+    """An MCEM config: the shipped ``jaxdeblur/configs/mcem.py`` or a ``get_config()`` /
+    JSON file, with ``KEY=VALUE`` overrides (`jaxdeblur.configs.load`).
     """
-    import importlib.util
-
-    import ml_collections
-
-    if path is None:
-        path = pathlib.Path(__file__).resolve().parents[1] / "train_scripts" / "configs" / \
-            "mcem.py"
-        if not path.exists():
-            raise CLIError(f"no MCEM config given and the default {path} is absent (an "
-                           "installed package has no train_scripts/); pass --config FILE")
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise CLIError(f"config file {path} does not exist")
-    if path.suffix == ".json":
-        config = ml_collections.ConfigDict(json.loads(path.read_text()))
-    else:
-        spec = importlib.util.spec_from_file_location(f"_jaxdeblur_config_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-            config = module.get_config()
-        except Exception as err:  # noqa: BLE001 - any error in a user's config file
-            raise CLIError(f"cannot load the config {path}: {type(err).__name__}: {err}") \
-                from err
-    for item in overrides:
-        if "=" not in item:
-            raise CLIError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        node, *rest = key.strip().split(".")
-        target = config
-        names = [node] + rest
-        for name in names[:-1]:
-            if name not in target:
-                raise CLIError(f"--set {key}: the config has no field {name!r}")
-            target = target[name]
-        if names[-1] not in target:
-            raise CLIError(f"--set {key}: the config has no field {names[-1]!r} (fields: "
-                           f"{', '.join(sorted(target.keys()))})")
-        value = _parse_value(value)
-        if isinstance(value, list):
-            value = tuple(value)
-        try:
-            target[names[-1]] = value
-        except (TypeError, ValueError) as err:
-            raise CLIError(f"--set {key}={value!r}: {err}") from err
-    return config
-
-
-def _find_variables(tree: Any) -> dict | None:
-    """The ``{"params", ...}`` dict holding UFPNet parameters anywhere in a restored tree."""
-    if isinstance(tree, dict):
-        params = tree.get("params")
-        if isinstance(params, dict) and "kernel_extra" in params and "intro" in params:
-            return {k: tree[k] for k in ("params", "batch_stats") if k in tree}
-        for value in tree.values():
-            found = _find_variables(value)
-            if found is not None:
-                return found
-    return None
-
-
-def _describe_tree(tree: Any) -> str:
-    if isinstance(tree, dict):
-        return "{" + ", ".join(sorted(map(str, tree.keys()))[:8]) + "}"
-    return type(tree).__name__
-
-
-def load_ufpnet_checkpoint(path: str | os.PathLike, *, train_size):
-    """UFPNet module and variables from an official file or an orbax directory.
-
-    Accepted: an official ``.pth``/``.pt``/``.npz`` state dict (converted on the fly by
-    `jaxdeblur.convert.load_ufpnet`); a directory written by ``jaxdeblur convert``; a
-    training work directory (or its ``checkpoints/`` folder) written by
-    `jaxdeblur.train.checkpoint.CheckpointManager`, whose newest step is used.
-
-    Args:
-      path: the checkpoint.
-      train_size: ``(T_H, T_W)`` for TLC local pooling at test time, or None.
-
-    Returns:
-      ``(module, variables, description)``.
-
-    Raises:
-      CLIError: a missing path, or a checkpoint of another method or an unknown layout.
-    """
-    from jaxdeblur import convert
-    from jaxdeblur.nets.ufpnet import UFPNet
-
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise CLIError(f"checkpoint {path} does not exist")
-    extra = {} if train_size is None else {"train_size": tuple(train_size)}
-    if path.is_file():
-        if path.suffix.lower() not in (".pth", ".pt", ".npz"):
-            raise CLIError(f"checkpoint {path}: expected an official .pth/.pt/.npz file or an "
-                           "orbax directory")
-        try:
-            state_dict = convert.load_state_dict(path)
-            fields = convert.ufpnet_config_from_state_dict(state_dict)
-            variables = convert.ufpnet_variables_from_state_dict(state_dict)
-        except ImportError as err:
-            raise CLIError(str(err)) from err
-        except ValueError as err:
-            raise CLIError(f"checkpoint {path} is not a UFPNet checkpoint: {err}") from err
-        return UFPNet(**fields, **extra), variables, f"official weights {path.name}"
-
-    import orbax.checkpoint as ocp
-
-    meta_file = path / CONVERTED_META
-    if meta_file.exists():
-        meta = json.loads(meta_file.read_text())
-        if meta.get("method") != "ufpnet":
-            raise CLIError(f"checkpoint {path} is a {meta.get('method')!r} checkpoint, not "
-                           "UFPNet; use --method accordingly")
-        variables = ocp.StandardCheckpointer().restore((path / "variables").resolve())
-        fields = {k: tuple(v) if isinstance(v, list) else v
-                  for k, v in meta["model_config"].items()}
-        return UFPNet(**fields, **extra), variables, f"converted checkpoint {path.name}"
-
-    step_root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    steps = sorted((int(p.name) for p in step_root.iterdir() if p.name.isdigit()
-                    and p.is_dir()), reverse=True)
-    if not steps:
-        raise CLIError(f"{path} is neither a converted checkpoint ({CONVERTED_META} missing) "
-                       "nor a training directory with numbered checkpoint steps")
-    step_dir = step_root / str(steps[0])
     try:
-        state = ocp.StandardCheckpointer().restore((step_dir / "state").resolve())
-    except Exception as err:  # noqa: BLE001 - orbax raises many types for bad files
-        raise CLIError(f"cannot read checkpoint {step_dir}: {type(err).__name__}: {err}") \
-            from err
-    variables = _find_variables(state)
-    if variables is None:
-        raise CLIError(f"checkpoint {step_dir} holds no UFPNet parameters (its state has "
-                       f"{_describe_tree(state)}); it was written for another method")
-    model_config = {}
-    meta_dir = step_dir / "meta"
-    for candidate in sorted(meta_dir.glob("*")) if meta_dir.is_dir() else []:
-        try:
-            model_config = json.loads(candidate.read_text()).get("model_config") or {}
-            break
-        except (ValueError, OSError, AttributeError):
-            continue
-    fields = _ufpnet_fields_from_variables(variables, model_config)
-    return UFPNet(**fields, **extra), variables, f"training checkpoint {step_dir}"
-
-
-def _ufpnet_fields_from_variables(variables: dict, model_config: dict) -> dict:
-    """UFPNet fields from a training run's model config, else from the parameter shapes."""
-    names = ("img_channel", "width", "enc_blk_nums", "middle_blk_num", "dec_blk_nums",
-             "kernel_size")
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in model_config.items()
-              if k in names}
-    if len(fields) == len(names):
-        return fields
-    params = variables["params"]
-    intro = np.shape(params["intro"]["kernel"])
-    enc = [k for k in params if k.startswith("encoders_")]
-    dec = [k for k in params if k.startswith("decoders_")]
-    levels = 1 + max(int(k.split("_")[1]) for k in enc)
-
-    def count(keys, level):
-        return sum(1 for k in keys if int(k.split("_")[1]) == level)
-
-    k2 = np.shape(params["kernel_extra"]["mean2"]["kernel"])[-1]
-    inferred = {"img_channel": int(intro[2]), "width": int(intro[3]),
-                "enc_blk_nums": tuple(count(enc, i) for i in range(levels)),
-                "middle_blk_num": sum(1 for k in params if k.startswith("middle_blks_")),
-                "dec_blk_nums": tuple(count(dec, i) for i in range(levels)),
-                "kernel_size": int(round(math.sqrt(k2)))}
-    inferred.update(fields)
-    return inferred
-
-
-class UFPNetRunner:
-    """UFPNet inference on whole photos by overlapping tiles.
-
-    Each tile gets its own key for the KE-Net's uncertainty noise (`jax.random.fold_in`
-    of the photo's key with the tile index), so tiles are independent draws.
-    """
-
-    def __init__(self, module, variables, *, tile: int, overlap: int, batch_size: int):
-        import jax
-
-        self.module, self.variables = module, variables
-        self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
-        self.multiple = 2 ** len(module.enc_blk_nums)
-
-        def restore(tile, key):
-            _, restored = module.apply(variables, tile[None], key=key)
-            return restored[0]
-
-        def estimate(crop, key):
-            kernels, _, _ = module.apply(variables, crop[None], key=key,
-                                         method=type(module).estimate_kernels)
-            return kernels[0]
-
-        self._restore = restore
-        self._estimate = jax.jit(estimate)
-
-    def deblur(self, rgb: np.ndarray, *, key) -> dict:
-        from jaxdeblur import tiling
-
-        restored = tiling.tiled_apply(self._restore, rgb, tile=self.tile, overlap=self.overlap,
-                                      multiple=self.multiple, batch_size=self.batch_size,
-                                      key=key)
-        return {"image": restored}
-
-    def kernels(self, rgb: np.ndarray, grid: tuple[int, int], *, key, crop: int = 128):
-        """Kernels at the centres of a ``grid`` of cells, each from a crop around it."""
-        import jax
-
-        from jaxdeblur import tiling, viz
-
-        centres = viz.grid_centres(rgb.shape, grid)
-        canvas = tiling.pad_to_multiple(rgb, self.multiple)
-        size = (min(_round_up(crop, self.multiple), canvas.shape[0]),
-                min(_round_up(crop, self.multiple), canvas.shape[1]))
-        kernels = []
-        for index, (cy, cx) in enumerate(centres):
-            y0 = int(np.clip(round(cy) - size[0] // 2, 0, canvas.shape[0] - size[0]))
-            x0 = int(np.clip(round(cx) - size[1] // 2, 0, canvas.shape[1] - size[1]))
-            field = self._estimate(canvas[y0:y0 + size[0], x0:x0 + size[1]],
-                                   jax.random.fold_in(key, index))
-            kernels.append(np.asarray(field[int(cy) - y0, int(cx) - x0]))
-        return np.stack(kernels), centres
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-class MCEMRunner:
-    """Deep EM on whole photos, or by overlapping cells for large ones.
-
-    By cells: the photo is split into equal overlapping regions (`jaxdeblur.tiling` with
-    ``compile_fn=False``); MCEM runs on each with its own key and its own filter-flow grid,
-    and the restored regions and uncertainty maps are blended with the tiling window. Each
-    region's kernels are kept with their centres in photo coordinates. Cells cost MCEM's
-    time per pixel once, and bound its memory by the cell size.
-    """
-
-    def __init__(self, config, *, tile: int, overlap: int):
-        self.config, self.tile, self.overlap = config, tile, overlap
-        self.history: list[list[tuple[int, float]]] = []
-
-    def _centres(self, shape) -> np.ndarray:
-        from jaxdeblur import mcem
-
-        model = mcem.build_model(shape, self.config)
-        geometry = model.geometry
-        # Canvas centres -> photo pixels: the canvas pads the latent image, which is the
-        # photo grown by (k - 1) / 2 pixels on each side.
-        shift_y = geometry.pad[0] + (model.latent_shape[0] - shape[0]) // 2
-        shift_x = geometry.pad[2] + (model.latent_shape[1] - shape[1]) // 2
-        ys = np.clip(np.asarray(geometry.y_patch_centers) - shift_y, 0, shape[0] - 1)
-        xs = np.clip(np.asarray(geometry.x_patch_centers) - shift_x, 0, shape[1] - 1)
-        return np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2).astype(
-            np.float32)
-
-    def _run(self, image, key):
-        from jaxdeblur import mcem
-
-        try:
-            result = mcem.deblur(image, self.config, key=key)
-        except ValueError as err:
-            raise CLIError(f"MCEM cannot run on a {image.shape[0]}x{image.shape[1]} image "
-                           f"with this config: {err}") from err
-        uncertainty = np.asarray(result.uncertainty).mean(-1)
-        self.history.append([(int(step), float(np.mean(fit))) for step, fit in result.history])
-        return (np.asarray(result.image), uncertainty, np.asarray(result.kernels),
-                self._centres(image.shape))
-
-    def _metrics(self) -> list[dict]:
-        """Data-fit records (JSON-lines rows) of the last photo, one key per cell."""
-        single = len(self.history) == 1
-        rows: dict[int, dict] = {}
-        for cell, history in enumerate(self.history):
-            name = "data_fit" if single else f"data_fit_cell{cell}"
-            for step, fit in history:
-                rows.setdefault(step, {"step": step})[name] = fit
-        return [rows[step] for step in sorted(rows)]
-
-    def deblur(self, image: np.ndarray, *, key) -> dict:
-        from jaxdeblur import tiling
-
-        height, width = image.shape[:2]
-        self.history = []
-        if not self.tile or (height <= self.tile and width <= self.tile):
-            restored, uncertainty, kernels, centres = self._run(image, key)
-            return {"image": restored, "uncertainty": uncertainty, "kernels": kernels,
-                    "centres": centres, "metrics": self._metrics()}
-        all_kernels, all_centres = [], []
-        grid = tiling.plan_tiles(image.shape, tile=self.tile, overlap=self.overlap,
-                                 multiple=16)
-        origins = iter(grid.origins)
-
-        def cell(region, cell_key):
-            restored, uncertainty, kernels, centres = self._run(np.asarray(region), cell_key)
-            y0, x0 = next(origins)
-            all_kernels.append(kernels)
-            all_centres.append(centres + np.array([y0, x0], np.float32))
-            return {"image": restored, "uncertainty": uncertainty}
-
-        blended = tiling.tiled_apply(cell, image, tile=self.tile, overlap=self.overlap,
-                                     multiple=16, key=key, compile_fn=False)
-        centres = np.concatenate(all_centres)
-        inside = (centres[:, 0] < height) & (centres[:, 1] < width)
-        return {"image": blended["image"], "uncertainty": blended["uncertainty"],
-                "kernels": np.concatenate(all_kernels)[inside], "centres": centres[inside],
-                "metrics": self._metrics()}
-
-    def kernels(self, image: np.ndarray, grid, *, key):
-        del grid  # MCEM's kernels sit on its own filter-flow grid (config.grid).
-        result = self.deblur(image, key=key)
-        return result["kernels"], result["centres"]
+        return configs.load("mcem" if path is None else pathlib.Path(path), overrides)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
 
 
 def make_runner(args):
@@ -545,16 +222,30 @@ def make_runner(args):
         if args.set:
             raise CLIError("--set overrides apply to --method mcem only")
         train_size = None if args.train_size == 0 else (args.train_size, args.train_size)
-        module, variables, description = load_ufpnet_checkpoint(args.checkpoint,
-                                                                train_size=train_size)
-        print(f"{PROG}: UFPNet from {description}", file=sys.stderr)
-        return UFPNetRunner(module, variables, tile=args.tile or 512, overlap=args.overlap,
-                            batch_size=args.batch_size)
+        try:
+            loaded = ufpnet_runs.load_checkpoint(args.checkpoint, train_size=train_size)
+        except (checkpoint_lib.CheckpointError, ImportError) as err:
+            raise CLIError(str(err)) from err
+        print(f"{PROG}: UFPNet from {loaded.description}", file=sys.stderr)
+        return ufpnet_runs.TiledUFPNet(loaded.module, loaded.variables,
+                                       tile=args.tile or 512, overlap=args.overlap,
+                                       batch_size=args.batch_size)
     if args.checkpoint:
-        raise CLIError("--method mcem needs no checkpoint (it fits each photo on its own); "
-                       "pass --config/--set to change it")
-    config = load_mcem_config(args.config, args.set)
-    return MCEMRunner(config, tile=args.tile, overlap=args.overlap)
+        raise CLIError(f"--method {args.method} needs no checkpoint (it fits each photo on "
+                       "its own); pass --config/--set to change it")
+    if args.method == "mcem-paper":
+        config = load_mcem_config(args.config, args.set)
+        return mcem_runs.TiledMCEM(config, tile=args.tile, overlap=args.overlap)
+    try:
+        config = configs.load("photo" if args.config is None else pathlib.Path(args.config),
+                              args.set)
+        settings = photo.settings_from_config(config)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+    mcem_config = configs.load("mcem") if settings.restorer == "dip" else None
+    return photo.PhotoDeblurrer(settings, mcem_config=mcem_config,
+                                progress=lambda line: print(f"{PROG}: {line}",
+                                                            file=sys.stderr, flush=True))
 
 
 # ------------------------------------------------------------------------------------------
@@ -563,20 +254,16 @@ def make_runner(args):
 
 
 def _progress(items, desc: str):
-    from tqdm.auto import tqdm
-
     return tqdm(items, desc=desc, unit="image", file=sys.stderr,
                 disable=len(items) <= 1 and not sys.stderr.isatty())
 
 
 def _run_photo(runner, image: np.ndarray, *, linear: bool, key):
     """Deblurs one photo in the network layout and maps the result back to its layout."""
-    from jaxdeblur import color
-
     rgb, layout = color.to_network_rgb(image, linear=linear)
-    network_input = rgb[..., :1] if isinstance(runner, MCEMRunner) and layout.n_color == 1 \
-        else rgb
-    result = runner.deblur(network_input, key=key)
+    network_input = rgb[..., :1] if isinstance(
+        runner, (mcem_runs.TiledMCEM, photo.PhotoDeblurrer)) and layout.n_color == 1 else rgb
+    result = _reported(runner.deblur, network_input, key=key)
     restored = np.asarray(result["image"], np.float32)
     if restored.shape[-1] == 1:
         restored = np.repeat(restored, 3, axis=-1)
@@ -585,17 +272,22 @@ def _run_photo(runner, image: np.ndarray, *, linear: bool, key):
     return result
 
 
+def _reported(run, *args, **kwargs):
+    """``run(*args, **kwargs)``, a ValueError (a config that does not fit the photo)
+    reported as a CLIError."""
+    try:
+        return run(*args, **kwargs)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+
+
 def cmd_deblur(args) -> int:
-    import jax
-
-    from jaxdeblur import viz
-
     inputs = collect_inputs(args.inputs)
     roles = {"image": ""}
     if args.figures:
         roles.update({"compare": "_compare.png", "kernels": "_kernels.png",
                       "kernel_array": "_kernels.npz"})
-        if args.method == "mcem":
+        if args.method == "mcem-paper":
             roles.update({"uncertainty": "_uncertainty.png", "metrics": "_metrics.jsonl",
                           "curves": "_curves.png"})
     output = prepare_output_dir(args.output)
@@ -613,7 +305,7 @@ def cmd_deblur(args) -> int:
             viz.comparison_figure([image, result["photo"]], ["input", f"{args.method}"],
                                   plan["compare"])
             kernels, centres = (result["kernels"], result["centres"]) if "kernels" in result \
-                else runner.kernels(result["input_rgb"], tuple(args.grid), key=key)
+                else _reported(runner.kernels, result["input_rgb"], tuple(args.grid), key=key)
             np.savez_compressed(plan["kernel_array"], kernels=np.asarray(kernels, np.float32),
                                 centres=np.asarray(centres, np.float32))
             viz.kernel_field_figure(image, kernels, centres, plan["kernels"],
@@ -634,10 +326,6 @@ def cmd_deblur(args) -> int:
 
 
 def cmd_kernels(args) -> int:
-    import jax
-
-    from jaxdeblur import color, viz
-
     inputs = collect_inputs(args.inputs)
     output = prepare_output_dir(args.output)
     plans = plan_outputs(inputs, output, {"figure": "_kernels.png", "array": "_kernels.npz"},
@@ -648,10 +336,11 @@ def cmd_kernels(args) -> int:
     for index, (path, plan) in enumerate(zip(inputs, _progress(plans, "kernels"))):
         image, _ = read_photo(path)
         rgb, layout = color.to_network_rgb(image, linear=args.linear)
-        if isinstance(runner, MCEMRunner) and layout.n_color == 1:
+        if isinstance(runner, (mcem_runs.TiledMCEM, photo.PhotoDeblurrer)) and \
+                layout.n_color == 1:
             rgb = rgb[..., :1]
-        kernels, centres = runner.kernels(rgb, tuple(args.grid),
-                                          key=jax.random.fold_in(root, index))
+        kernels, centres = _reported(runner.kernels, rgb, tuple(args.grid),
+                                     key=jax.random.fold_in(root, index))
         np.savez_compressed(plan["array"], kernels=np.asarray(kernels, np.float32),
                             centres=np.asarray(centres, np.float32))
         viz.kernel_field_figure(image, kernels, centres, plan["figure"],
@@ -661,10 +350,6 @@ def cmd_kernels(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    import orbax.checkpoint as ocp
-
-    from jaxdeblur import convert
-
     source = pathlib.Path(args.source)
     if not source.is_file():
         raise CLIError(f"no checkpoint file at {source}")
@@ -683,22 +368,11 @@ def cmd_convert(args) -> int:
     if target.exists() and not target.is_dir():
         raise CLIError(f"output {target} exists and is not a folder")
     prepare_output_dir(target)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save((target / "variables").resolve(), variables, force=True)
-    checkpointer.wait_until_finished()
-    meta = {"method": "ufpnet", "model_config": fields, "source": str(source.resolve())}
-    (target / CONVERTED_META).write_text(json.dumps(meta, indent=2) + "\n")
-    n_params = sum(np.size(a) for a in _leaves(variables["params"]))
+    checkpoint_lib.save_converted(target, variables, {
+        "method": "ufpnet", "model_config": fields, "source": str(source.resolve())})
+    n_params = sum(np.size(a) for a in jax.tree.leaves(variables["params"]))
     print(f"{source} -> {target} (UFPNet {fields}, {n_params:,} parameters)", file=sys.stderr)
     return 0
-
-
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for value in tree.values():
-            yield from _leaves(value)
-    else:
-        yield tree
 
 
 def _paired_examples(blurry_dir: str, sharp_dir: str):
@@ -717,8 +391,6 @@ def _paired_examples(blurry_dir: str, sharp_dir: str):
 
 
 def _tfds_examples(spec: str, data_dir: str | None):
-    import tensorflow_datasets as tfds
-
     if ":" not in spec:
         raise CLIError(f"--tfds expects NAME:SPLIT (e.g. gopro:test), got {spec!r}")
     name, split = spec.split(":", 1)
@@ -736,35 +408,7 @@ def _tfds_examples(spec: str, data_dir: str | None):
         yield f"{name}/{split}/{index}", load
 
 
-PROTOCOLS = {
-    "uint8": "GoPro/HIDE: uint8 RGB (round(255 x)), whole image, no border crop",
-    "realblur": "RealBlur: intensity matching + ECC homography alignment, masked PSNR/SSIM",
-    "shift": "Levin/Lai: 15-px crop, best sub-pixel shift (0.25 px steps up to 10 px), PSNR "
-             "only",
-}
-
-
-def _protocol_metrics(protocol: str):
-    """``metric(restored, sharp) -> (psnr, ssim or None)`` for a SPEC section 5 protocol."""
-    import jax
-
-    from jaxdeblur import metrics
-
-    if protocol == "uint8":
-        psnr, ssim = jax.jit(metrics.psnr_uint8), jax.jit(metrics.ssim_uint8)
-        return lambda x, y: (float(psnr(x, y)), float(ssim(x, y)))
-    if protocol == "realblur":
-        both = jax.jit(metrics.realblur_psnr_ssim)
-        return lambda x, y: tuple(float(v) for v in both(x, y))
-    shifted = jax.jit(metrics.shift_searched_psnr)
-    return lambda x, y: (float(shifted(x, y)), None)
-
-
 def cmd_evaluate(args) -> int:
-    import jax
-
-    from jaxdeblur import color
-
     if bool(args.pairs) == bool(args.tfds):
         raise CLIError("give exactly one of --pairs BLURRY_DIR SHARP_DIR or --tfds NAME:SPLIT")
     examples = list(_paired_examples(*args.pairs) if args.pairs
@@ -780,7 +424,7 @@ def cmd_evaluate(args) -> int:
         prepare_output_dir(out.parent)
     runner = None if args.method == "none" else make_runner(args)
     root = jax.random.key(args.seed)
-    measure = _protocol_metrics(args.protocol)
+    measure = metrics.protocol_metric(args.protocol)
     rows = []
     for index, (name, load) in enumerate(_progress(examples, "evaluate")):
         blurry, sharp = load()
@@ -790,7 +434,7 @@ def cmd_evaluate(args) -> int:
             restored = blurry
         else:
             rgb, layout = color.to_network_rgb(blurry, linear=args.linear)
-            result = runner.deblur(rgb, key=jax.random.fold_in(root, index))
+            result = _reported(runner.deblur, rgb, key=jax.random.fold_in(root, index))
             restored = color.from_network_rgb(result["image"], layout)
         value_psnr, value_ssim = measure(np.clip(restored, 0.0, 1.0), sharp)
         rows.append({"name": name, "psnr": value_psnr, "ssim": value_ssim})
@@ -803,7 +447,7 @@ def cmd_evaluate(args) -> int:
         ssim_text = f"{row['ssim']:6.4f}" if has_ssim else f"{'-':>6}"
         print(f"{row['name']:<{width}}  {row['psnr']:7.2f}  {ssim_text}")
     if args.output:
-        table = {"method": args.method, "protocol": PROTOCOLS[args.protocol],
+        table = {"method": args.method, "protocol": metrics.PROTOCOLS[args.protocol],
                  "images": rows, "mean": mean}
         pathlib.Path(args.output).write_text(json.dumps(table, indent=2) + "\n")
     return 0
@@ -815,11 +459,14 @@ def cmd_evaluate(args) -> int:
 
 _DEBLUR_EXAMPLE = """\
 examples:
-  # Deep EM (no training needed) on one photo, with figures next to the result:
+  # Blind deblurring with no training, with figures next to the result:
   jaxdeblur deblur photo.jpg --method mcem --output out/ --figures
 
-  # A quicker, smaller MCEM run (every config field can be overridden):
-  jaxdeblur deblur photo.png --method mcem --set em_iterations=100 --set 'grid=(2,2)' -o out/
+  # A known kernel size instead of the automatic one (every config field can be set):
+  jaxdeblur deblur photo.png --method mcem --set kernel_size=31 -o out/
+
+  # The paper's Deep EM on the whole photo (slow; MCEM config fields):
+  jaxdeblur deblur photo.png --method mcem-paper --set em_iterations=100 --set 'grid=(2,2)' -o out/
 
   # UFPNet with converted official weights on a folder, 768-px tiles, on the GPU:
   jaxdeblur convert UFPNet-GoPro.pth weights/ufpnet-gopro
@@ -836,8 +483,9 @@ examples:
   jaxdeblur kernels photo.jpg --method ufpnet --checkpoint weights/ufpnet-gopro \\
       --grid 4 6 -o kernels/
 
-  # MCEM's per-cell kernels (its filter-flow grid, config.grid):
-  jaxdeblur kernels photo.jpg --method mcem --set 'grid=(3,4)' -o kernels/
+  # The blind estimate's kernel, and the paper's MCEM per-cell kernels (config.grid):
+  jaxdeblur kernels photo.jpg --method mcem -o kernels/
+  jaxdeblur kernels photo.jpg --method mcem-paper --set 'grid=(3,4)' -o kernels/
 """
 
 _CONVERT_EXAMPLE = """\
@@ -871,11 +519,14 @@ def _grid(text: str) -> int:
     return value
 
 
-def _add_method_arguments(parser, *, methods=("ufpnet", "mcem")) -> None:
+def _add_method_arguments(parser, *, methods=("ufpnet", "mcem", "mcem-paper")) -> None:
     group = parser.add_argument_group("method")
     group.add_argument("--method", choices=methods, required=True,
-                       help="ufpnet: a trained network (needs --checkpoint); mcem: Deep EM "
-                            "fitted to each photo (slow, no training)")
+                       help="ufpnet: a trained network (needs --checkpoint); mcem: blind "
+                            "deblurring of each photo with no training (kernel coarse to "
+                            "fine, full-resolution restoration; config jaxdeblur/configs/"
+                            "photo.py); mcem-paper: the paper's Deep EM on the whole photo "
+                            "(slow; config jaxdeblur/configs/mcem.py)")
     group.add_argument("--checkpoint", metavar="PATH",
                        help="UFPNet weights: official .pth/.npz, a 'jaxdeblur convert' folder "
                             "or a training work directory")
@@ -883,11 +534,11 @@ def _add_method_arguments(parser, *, methods=("ufpnet", "mcem")) -> None:
                        help="UFPNet test-time local pooling (TLC) for N x N training crops; "
                             "0 = global pooling (default: %(default)s, as the official test)")
     group.add_argument("--config", metavar="FILE",
-                       help="MCEM config (.py with get_config() or .json); default "
-                            "train_scripts/configs/mcem.py")
+                       help="config (.py with get_config() or .json); default "
+                            "jaxdeblur/configs/photo.py (mcem) or mcem.py (mcem-paper)")
     group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override an MCEM config field, e.g. --set em_iterations=100 "
-                            "(repeatable)")
+                       help="override a config field, e.g. --set kernel_size=31 (mcem) or "
+                            "--set em_iterations=100 (mcem-paper); repeatable")
     tiles = parser.add_argument_group("large images")
     tiles.add_argument("--tile", type=int, default=0, metavar="PX",
                        help="tile (UFPNet, default 512) or MCEM cell size in pixels; MCEM "
@@ -910,7 +561,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Self-supervised blind motion deblurring (UFPNet and Deep EM) in JAX.",
         epilog="run 'jaxdeblur <command> --help' for a worked example of each command")
-    from jaxdeblur import __version__
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
@@ -952,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source", help="official .pth/.pt (needs torch) or .npz state dict")
     convert.add_argument("output", help="folder to write")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing folder")
-    convert.set_defaults(run=cmd_convert)
+    convert.set_defaults(run=cmd_convert, method=None, device=None)
 
     evaluate = sub.add_parser("evaluate", help="PSNR/SSIM on a TFDS split or paired folders",
                               formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -964,12 +614,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--data-dir", metavar="DIR", help="TFDS data directory")
     evaluate.add_argument("--limit", type=int, default=0, metavar="N",
                           help="evaluate the first N examples only")
-    evaluate.add_argument("--protocol", choices=sorted(PROTOCOLS), default="uint8",
-                          help="; ".join(f"{k}: {v}" for k, v in PROTOCOLS.items())
+    evaluate.add_argument("--protocol", choices=sorted(metrics.PROTOCOLS), default="uint8",
+                          help="; ".join(f"{k}: {v}" for k, v in metrics.PROTOCOLS.items())
                           + " (default: %(default)s)")
     evaluate.add_argument("--output", metavar="FILE.json", help="also write the table as JSON")
     evaluate.add_argument("--overwrite", action="store_true")
-    _add_method_arguments(evaluate, methods=("ufpnet", "mcem", "none"))
+    _add_method_arguments(evaluate, methods=("ufpnet", "mcem", "mcem-paper", "none"))
     evaluate.set_defaults(run=cmd_evaluate)
     return parser
 
@@ -978,10 +628,7 @@ def select_device(device: str | None) -> None:
     """Restricts JAX to one platform before any computation (``--device``)."""
     if device is None:
         return
-    import jax
-
-    platform = {"gpu": "cuda"}.get(device, device)
-    jax.config.update("jax_platforms", platform if device != "gpu" else "cuda,rocm")
+    jax.config.update("jax_platforms", "cuda,rocm" if device == "gpu" else device)
     try:
         jax.devices()
     except RuntimeError as err:
@@ -993,8 +640,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        select_device(getattr(args, "device", None))
-        if getattr(args, "method", None) == "none" and args.checkpoint:
+        select_device(args.device)
+        if args.method == "none" and args.checkpoint:
             raise CLIError("--method none takes no checkpoint")
         return args.run(args)
     except CLIError as err:

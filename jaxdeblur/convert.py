@@ -7,6 +7,12 @@ Layout conventions of the official checkpoints: ``Linear`` weights are ``[out, i
 is installed, from ``.pt``/``.pth`` files. Converters are strict: a missing or unexpected
 key or a shape mismatch raises ``ValueError`` listing them, because a partly loaded
 checkpoint silently computes something else.
+
+This module is the leaf of the package's weight I/O: it imports numpy (and torch, only to
+read ``.pt`` files) and no other jaxdeblur module, so that the models (`jaxdeblur.flow`,
+`jaxdeblur.nets.ufpnet`) can read and write their weights through it. Building a module
+from a checkpoint is one level up (`jaxdeblur.flow.load_pretrained`,
+`jaxdeblur.train.ufpnet.load_checkpoint`).
 """
 
 from __future__ import annotations
@@ -150,6 +156,42 @@ def _expected_flow_shapes(kernel_size: int, n_blocks: int, hidden_size: int,
     return shapes
 
 
+def coupling_mask(features: int, block: int) -> np.ndarray:
+    """The ``net.{2i}.mask`` buffer of the official ``KernelPrior``: ``arange(D) % 2``,
+    flipped on odd blocks (1 = pass-through half).
+
+    `jaxdeblur.flow.checkerboard_mask` builds the same mask for our couplings
+    (``tests/test_convert.py`` checks that they agree).
+    """
+    mask = np.arange(features) % 2
+    if block % 2:
+        mask = 1 - mask
+    return mask.astype(np.float32)
+
+
+def flow_config_from_variables(variables: Mapping[str, Any]) -> dict[str, int]:
+    """``kernel_size, n_blocks, hidden_size, n_hidden`` of `KernelFlow` variables' shapes.
+
+    Args:
+      variables: ``{"params": ..., "batch_stats": ...}`` of a `jaxdeblur.flow.KernelFlow`.
+
+    Raises:
+      ValueError: no couplings, or a flattened size that is not a square kernel.
+    """
+    params = variables["params"]
+    n_blocks = sum(1 for name in params if name.startswith("coupling_"))
+    if n_blocks == 0:
+        raise ValueError(f"no coupling_* entries in variables['params'] (keys: "
+                         f"{sorted(params)}); are these KernelFlow variables?")
+    s_net = params["coupling_0"]["s_net"]
+    features, hidden = np.shape(s_net["Dense_0"]["kernel"])
+    kernel_size = int(round(np.sqrt(features)))
+    if kernel_size * kernel_size != features:
+        raise ValueError(f"flow input size {features} is not a square kernel")
+    return {"kernel_size": kernel_size, "n_blocks": n_blocks, "hidden_size": int(hidden),
+            "n_hidden": len(s_net) - 2}
+
+
 def select_prefix(state_dict: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
     """The entries whose names start with ``prefix``, with the prefix removed.
 
@@ -178,8 +220,8 @@ def flow_variables_from_state_dict(state_dict: Mapping[str, np.ndarray], *,
     * ``net.{2i+1}.log_gamma``, ``.beta`` -> ``params/batch_norm_i/...``;
     * ``net.{2i+1}.running_mean``, ``.running_var`` -> ``batch_stats/batch_norm_i/mean``,
       ``var``;
-    * ``net.{2i}.mask`` must equal `jaxdeblur.flow.checkerboard_mask` (our masks are fixed
-      by the architecture); ``kernel_size``, ``normalization`` = 1, ``base_dist_mean`` = 0
+    * ``net.{2i}.mask`` must equal `coupling_mask` (our masks are fixed by the
+      architecture); ``kernel_size``, ``normalization`` = 1, ``base_dist_mean`` = 0
       and ``base_dist_var`` = 1 are checked; ``alpha`` is read by `flow_alpha`.
 
     Args:
@@ -203,9 +245,6 @@ def flow_variables_from_state_dict(state_dict: Mapping[str, np.ndarray], *,
               "n_hidden": n_hidden}
     config = {k: inferred[k] if v is None else v for k, v in config.items()}
     _check_keys(state_dict, _expected_flow_shapes(**config), f"KernelFlow({config})")
-
-    from jaxdeblur.flow import checkerboard_mask  # flow imports this module lazily
-
     sd = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
     d = config["kernel_size"] ** 2
     problems = []
@@ -219,7 +258,7 @@ def flow_variables_from_state_dict(state_dict: Mapping[str, np.ndarray], *,
     batch_stats: dict[str, Any] = {}
     for i in range(config["n_blocks"]):
         c, b = f"net.{2 * i}", f"net.{2 * i + 1}"
-        if not np.array_equal(sd[f"{c}.mask"], np.asarray(checkerboard_mask(d, i))):
+        if not np.array_equal(sd[f"{c}.mask"], coupling_mask(d, i)):
             problems.append(f"{c}.mask is not arange(D) % 2 (flipped on odd blocks)")
         coupling = {}
         for net in ("s_net", "t_net"):
@@ -245,20 +284,18 @@ def flow_state_dict_from_variables(variables: Mapping[str, Any], *,
     Used to run our weights in the official PyTorch architecture (benchmarks) and to ship
     them to PyTorch users.
     """
-    from jaxdeblur.flow import checkerboard_mask, flow_from_variables
-
-    flow = flow_from_variables(variables, alpha=alpha)
-    d = flow.features
-    sd = {"kernel_size": np.array([flow.kernel_size], np.float32),
+    config = flow_config_from_variables(variables)
+    d = config["kernel_size"] ** 2
+    sd = {"kernel_size": np.array([config["kernel_size"]], np.float32),
           "alpha": np.array([alpha], np.float32),
           "normalization": np.ones(1, np.float32),
           "base_dist_mean": np.zeros(d, np.float32), "base_dist_var": np.ones(d, np.float32)}
     params, stats = variables["params"], variables["batch_stats"]
-    for i in range(flow.n_blocks):
+    for i in range(config["n_blocks"]):
         c, b = f"net.{2 * i}", f"net.{2 * i + 1}"
-        sd[f"{c}.mask"] = np.asarray(checkerboard_mask(d, i))
+        sd[f"{c}.mask"] = coupling_mask(d, i)
         for net in ("s_net", "t_net"):
-            for j in range(flow.n_hidden + 2):
+            for j in range(config["n_hidden"] + 2):
                 layer = params[f"coupling_{i}"][net][f"Dense_{j}"]
                 sd[f"{c}.{net}.{2 * j}.weight"] = np.asarray(layer["kernel"], np.float32).T.copy()
                 sd[f"{c}.{net}.{2 * j}.bias"] = np.asarray(layer["bias"], np.float32)
@@ -520,19 +557,3 @@ def _ufpnet_torch_shapes(config: Mapping[str, Any]) -> dict[str, tuple]:
             naf(f"decoders.{level}.{b}", chan, False)
     return shapes
 
-
-def load_ufpnet(path: str | os.PathLike, *, config: Mapping[str, Any] | None = None):
-    """An official UFPNet checkpoint (``.pth`` with a ``params`` key, or ``.npz``) as
-    ``(UFPNet module, variables)``; ``config`` as in `ufpnet_variables_from_state_dict`.
-
-    Extra ``config`` keys that are not architecture fields (``train_size`` for TLC) are
-    passed to the module.
-    """
-    from jaxdeblur.nets.ufpnet import UFPNet
-
-    state_dict = load_state_dict(path)
-    variables = ufpnet_variables_from_state_dict(state_dict, config=config)
-    fields = ufpnet_config_from_state_dict(state_dict)
-    if config is not None and config.get("train_size") is not None:
-        fields["train_size"] = tuple(config["train_size"])
-    return UFPNet(**fields), variables

@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdeblur import convert
+
 Array = jax.Array
 
 #: Flow batch-norm epsilon (official code).
@@ -514,18 +516,7 @@ def flow_from_variables(variables: Mapping[str, Any], *, alpha: float = 1e-6) ->
     Returns:
       A `KernelFlow` with kernel_size, n_blocks, hidden_size and n_hidden inferred.
     """
-    params = variables["params"]
-    n_blocks = sum(1 for name in params if name.startswith("coupling_"))
-    if n_blocks == 0:
-        raise ValueError(f"no coupling_* entries in variables['params'] (keys: "
-                         f"{sorted(params)}); are these KernelFlow variables?")
-    s_net = params["coupling_0"]["s_net"]
-    features, hidden = np.shape(s_net["Dense_0"]["kernel"])
-    kernel_size = int(round(np.sqrt(features)))
-    if kernel_size * kernel_size != features:
-        raise ValueError(f"flow input size {features} is not a square kernel")
-    return KernelFlow(kernel_size=kernel_size, n_blocks=n_blocks, hidden_size=int(hidden),
-                      n_hidden=len(s_net) - 2, alpha=alpha)
+    return KernelFlow(**convert.flow_config_from_variables(variables), alpha=alpha)
 
 
 def latent_to_kernel_fn(variables: Mapping[str, Any], z: Array, *,
@@ -561,7 +552,7 @@ def save_flow(path: str | pathlib.Path, module: KernelFlow, variables: Mapping[s
     """Writes ``variables`` to ``<path>.npz`` and the module config to ``<path>.json``.
 
     This is the format of the shipped prior (``jaxdeblur/assets/flow_prior.*``) and of the
-    exports of ``train_scripts/flow_prior.py``; `load_flow` reads it back.
+    exports of `jaxdeblur.train.flow_prior`; `load_flow` reads it back.
 
     Args:
       path: the file path without suffix (a suffix is replaced).
@@ -569,8 +560,6 @@ def save_flow(path: str | pathlib.Path, module: KernelFlow, variables: Mapping[s
       variables: ``{"params": ..., "batch_stats": ...}``.
       **info: JSON-serialisable extras stored beside the config (step, NLL, command, ...).
     """
-    from jaxdeblur import convert
-
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     flat = convert.flatten_variables(jax.device_get(dict(variables)))
@@ -583,8 +572,6 @@ def save_flow(path: str | pathlib.Path, module: KernelFlow, variables: Mapping[s
 
 def load_flow(path: str | pathlib.Path) -> tuple[KernelFlow, dict]:
     """Reads a flow written by `save_flow` as ``(module, variables)``."""
-    from jaxdeblur import convert
-
     path = pathlib.Path(path)
     config = json.loads(path.with_suffix(".json").read_text())
     variables = convert.unflatten_variables(convert.load_state_dict(path.with_suffix(".npz")))
@@ -603,7 +590,7 @@ def load_pretrained(which: str = "ours") -> tuple[KernelFlow, dict]:
     """A pretrained motion-kernel prior as ``(module, variables)``.
 
     Args:
-      which: ``"ours"`` for the prior trained by ``train_scripts/flow_prior.py`` and shipped
+      which: ``"ours"`` for the prior trained by `jaxdeblur.train.flow_prior` and shipped
         in ``jaxdeblur/assets``, or a path to an official checkpoint: a ``.npz`` with
         ``param/<torch name>`` (or plain torch-name) keys such as the parity fixture
         ``flow_motion.npz``, or a ``.pt``/``.pth`` file (needs torch).
@@ -611,8 +598,6 @@ def load_pretrained(which: str = "ours") -> tuple[KernelFlow, dict]:
     Returns:
       ``(KernelFlow, {"params": ..., "batch_stats": ...})`` with float32 arrays.
     """
-    from jaxdeblur import convert  # convert imports this module
-
     if which == "ours":
         if not PRETRAINED_WEIGHTS.exists():
             raise FileNotFoundError(f"the shipped prior {PRETRAINED_WEIGHTS} is missing; "

@@ -24,13 +24,19 @@ mask-first efficient filter flow ``y = sum_r k_r * (w_r . x)`` (`jaxdeblur.blur`
   network's heads are tied, see `KernelNet`), i.e. uniform deblurring initialises T_K.
 * Refinement (ours, off by default): ``refine_iterations`` more iterations with the E-step
   at ``refine_temperature`` (0: RMSprop, no noise) and the M-step still on; the sampling
-  phase finds the kernel, the cold phase sharpens image and kernel (`refine_model`).
+  phase finds the kernel, the cold phase sharpens image and kernel (`refine_method`).
 
 Speed on the CPU: XLA:CPU runs gradients of convolutions inside a while loop (``lax.scan``)
 8-12x slower than the same computation in straight-line code, so ``config.loop = "auto"``
 traces the chains step by step on the CPU and as ``lax.scan`` on GPU/TPU (`loop`). One EM
 iteration (E-step chain, M-step) is one jitted call; ``config.e_step_chunk`` splits long
 chains into several calls. The host loop never reads device values between iterations.
+
+Hyperparameters: `hparams_from_config` reads the config once, when a run starts, into frozen
+`MCEMHParams` (a missing or unknown field is an error naming it): `MethodHParams`, every field
+traced code reads, is the static argument of the compiled steps, so jax's jit cache reuses
+them exactly when it is equal; `RunHParams` (iteration counts, logging, seed) only steers the
+host loop and never recompiles anything.
 
 References:
     Li, Wang, Nan, Ji, "Self-Supervised Blind Motion Deblurring With Deep Expectation
@@ -47,8 +53,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
-from typing import Any, Callable, NamedTuple, Optional
+import typing
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -59,16 +65,233 @@ from jaxdeblur import blur
 from jaxdeblur.nets import unet
 
 __all__ = [
-    "SGLDState", "PSGLDState", "sgld", "psgld", "Welford", "welford_init", "welford_update",
+    "NetHParams", "MethodHParams", "SyntheticHParams", "RunHParams", "MCEMHParams",
+    "hparams_from_config", "refine_method", "SGLDState", "PSGLDState", "sgld", "psgld",
+    "Welford", "welford_init", "welford_update",
     "welford_variance", "ChainState", "langevin_chain", "MCEMState", "MCEMResult", "MCEMModel",
     "build_model", "init_state", "e_step", "m_step", "em_iteration", "result", "deblur",
     "resolve_chunk", "resolve_unroll", "loop", "kernel_centroid", "DataFitError",
-    "refine_model", "snapshot_uncertainty", "total_iterations", "iteration_phase",
+    "snapshot_uncertainty", "total_iterations", "iteration_phase",
 ]
 
 
 class DataFitError(FloatingPointError):
     """The data fit became NaN or infinite during MCEM."""
+
+
+# --------------------------------------------------------------------------------------
+# Hyperparameters, read from the config once when a run starts.
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class NetHParams:
+    """One deep-image-prior U-Net (`jaxdeblur.nets.unet`) and its fixed noise input.
+
+    ``config.image_net`` and ``config.kernel_net``; ``input_channels`` and ``noise_scale``
+    shape and scale the noise input ``z``.
+    """
+
+    features: tuple[int, ...]
+    skip_features: int
+    input_channels: int
+    noise_scale: float
+    norm: str
+    num_groups: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodHParams:
+    """Every hyperparameter that traced MCEM code reads (the config fields of these names).
+
+    Frozen and hashable: the static argument of every compiled step, so a change here
+    recompiles and nothing else does. ``step_size`` and ``temperature`` are those of the
+    phase being run: the refinement phase substitutes its own (`refine_method`).
+    ``e_step_chunk``/``m_step_chunk`` (`resolve_chunk`) and ``loop`` (`resolve_unroll`) are
+    here because they decide the traced code's form.
+    """
+
+    kernel_size: int
+    grid: tuple[int, int]
+    blur_method: str
+    image_net: NetHParams
+    kernel_net: NetHParams
+    noise_sigma: float
+    weight_decay: float
+    sampler: str
+    step_size: float
+    psgld_decay: float
+    psgld_eps: float
+    temperature: float
+    e_step_steps: int
+    e_step_burn_in: int
+    e_step_chunk: Union[int, str]
+    loop: Union[bool, str]
+    m_step_lr: float
+    m_step_steps: int
+    m_step_chunk: Union[int, str]
+    m_step_variance_term: bool
+    moment_decay: float
+    kernel_centre_weight: float
+
+    def __post_init__(self):
+        if self.sampler not in ("psgld", "sgld"):
+            raise ValueError(f"config.sampler must be 'psgld' or 'sgld', got {self.sampler!r}")
+        if not self.temperature >= 0:
+            raise ValueError("config.temperature must be >= 0 (1 samples the posterior, 0 is "
+                             f"RMSprop without noise), got {self.temperature}")
+        _make_sampler(self, key=0)  # checks step_size, psgld_decay and psgld_eps
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticHParams:
+    """The synthetic example ``train_scripts/mcem.py`` deblurs when given no images."""
+
+    size: int
+    kernel_size: int
+    max_angle_deg: float
+    noise_sigma: float
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RunHParams:
+    """The hyperparameters only the host loop reads; changing them never recompiles.
+
+    Iteration counts and phases (``em_iterations``, ``warmup_iterations``,
+    ``refine_iterations``), logging and checkpoints, the seed, the synthetic input. The
+    refinement phase's ``refine_step_size`` and ``refine_temperature`` are here too: the host
+    loop turns them into that phase's `MethodHParams` (`refine_method`), so they key the
+    refinement phase's compiled steps and no others.
+    """
+
+    seed: int
+    em_iterations: int
+    warmup_iterations: int
+    refine_iterations: int
+    refine_temperature: float
+    refine_step_size: float
+    log_every: int
+    checkpoint_every: int
+    synthetic: SyntheticHParams
+
+    def __post_init__(self):
+        for name, least in (("em_iterations", 1), ("warmup_iterations", 0),
+                            ("refine_iterations", 0), ("log_every", 1),
+                            ("checkpoint_every", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"config.{name} must be an integer >= {least}, got {value!r}")
+        if not self.refine_temperature >= 0:
+            raise ValueError("config.refine_temperature must be >= 0 (0 is RMSprop without "
+                             f"noise), got {self.refine_temperature}")
+        if not self.refine_step_size > 0:
+            raise ValueError(f"config.refine_step_size must be > 0, got {self.refine_step_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MCEMHParams:
+    """An MCEM config as frozen hyperparameters: ``method`` (traced code), ``run`` (host loop)."""
+
+    method: MethodHParams
+    run: RunHParams
+
+
+def _plain(value: Any) -> Any:
+    """ConfigDicts and mappings as dicts, lists (JSON) as tuples, recursively."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def _section(cls: type, values: dict, prefix: str) -> Any:
+    """``cls(**values)`` for a frozen hyperparameter dataclass, naming bad fields by path."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"unknown MCEM config field(s) {', '.join(prefix + u for u in unknown)}"
+                         f"; the fields there are {', '.join(names)}")
+    missing = [name for name in names if name not in values]
+    if missing:
+        raise ValueError(f"MCEM config field(s) {', '.join(prefix + m for m in missing)} "
+                         "missing; jaxdeblur/configs/mcem.py has every field with its value")
+    kwargs = {}
+    for name in names:
+        value = values[name]
+        if dataclasses.is_dataclass(hints[name]):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"config field {prefix + name} must be a section of fields, "
+                                 f"got {value!r}")
+            value = _section(hints[name], value, f"{prefix}{name}.")
+        else:
+            try:
+                hash(value)
+            except TypeError:
+                raise ValueError(f"config field {prefix + name} must be a number, string or "
+                                 f"tuple, got {value!r}") from None
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def hparams_from_config(config: Any) -> MCEMHParams:
+    """The hyperparameters of an MCEM config, read and checked once when a run starts.
+
+    The config must have exactly the fields of `jaxdeblur/configs/mcem.py`: a missing field
+    fails here instead of running on a default the shipped config does not share, and so
+    does an unknown (misspelt) one. Fields that traced code reads go to ``method``, the rest
+    to ``run``; lists (a JSON config) become tuples.
+
+    Args:
+        config: an `ml_collections.ConfigDict` or nested mapping, or `MCEMHParams`
+            (returned as it is).
+
+    Returns:
+        `MCEMHParams`.
+
+    Raises:
+        ValueError: a missing or unknown field, or a bad value; the message names the field
+            by its dotted path (``image_net.norm``).
+    """
+    if isinstance(config, MCEMHParams):
+        return config
+    values = _plain(config)
+    if not isinstance(values, dict):
+        raise ValueError(f"an MCEM config is a ConfigDict or mapping, got {type(config)}")
+    parts = {}
+    for part in (MethodHParams, RunHParams):
+        names = {f.name for f in dataclasses.fields(part)}
+        parts[part] = {k: v for k, v in values.items() if k in names}
+    unknown = sorted(set(values) - set(parts[MethodHParams]) - set(parts[RunHParams]))
+    if unknown:
+        raise ValueError(f"unknown MCEM config field(s) {', '.join(unknown)}; "
+                         "jaxdeblur/configs/mcem.py lists the fields")
+    return MCEMHParams(method=_section(MethodHParams, parts[MethodHParams], ""),
+                       run=_section(RunHParams, parts[RunHParams], ""))
+
+
+def _method(config: Any) -> MethodHParams:
+    """The `MethodHParams` of a config, `MCEMHParams` or `MethodHParams`."""
+    if isinstance(config, MethodHParams):
+        return config
+    return hparams_from_config(config).method
+
+
+def refine_method(hparams: MCEMHParams) -> MethodHParams:
+    """The method of the refinement phase: ``step_size``, ``temperature`` from its ``refine_*``.
+
+    After ``em_iterations`` of MCEM, ``refine_iterations`` more iterations run the E-step
+    chain at ``refine_temperature`` (0: RMSprop on the image network, no noise) with step
+    ``refine_step_size``, the M-step still fitting the kernels: the sampling phase finds the
+    kernel and a posterior mean, the cold phase sharpens both (see the config for the
+    measurement). The uncertainty map stays the sampling phase's (`snapshot_uncertainty`).
+    """
+    return dataclasses.replace(hparams.method, step_size=hparams.run.refine_step_size,
+                               temperature=hparams.run.refine_temperature)
 
 
 # --------------------------------------------------------------------------------------
@@ -98,26 +321,31 @@ def _raw_key(key: jax.Array) -> jax.Array:
     return key
 
 
-def _tree_normal(key: jax.Array, tree: Any) -> Any:
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(
-        treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+def _state_key(key: Union[jax.Array, int]) -> jax.Array:
+    # A seed as optax.add_noise takes it, or a key (typed or raw), stored raw.
+    if isinstance(key, (int, np.integer)):
+        key = jax.random.key(int(key))
+    return _raw_key(key)
 
 
-def sgld(step_size: float, *, temperature: float = 1.0) -> optax.GradientTransformation:
+def sgld(step_size: float, *, key: Union[jax.Array, int],
+         temperature: float = 1.0) -> optax.GradientTransformation:
     """Stochastic gradient Langevin dynamics as an optax transformation.
 
-    ``theta <- theta + alpha * grad log p(theta) + sqrt(2 alpha) * w``, ``w ~ N(0, I)``; its
-    stationary law is ``p`` as ``alpha -> 0``. The gradients passed to ``update`` are those of
-    the log posterior (ascent), and the returned updates are *added* to the parameters
-    (`optax.apply_updates`).
+    ``theta <- theta + alpha * grad log p(theta) + sqrt(2 alpha T) * w``, ``w ~ N(0, I)``; at
+    temperature ``T = 1`` its stationary law is ``p`` as ``alpha -> 0`` (``p^(1/T)`` in
+    general). The gradients passed to ``update`` are those of the log posterior (ascent), and
+    the returned updates are *added* to the parameters (`optax.apply_updates`). Composes with
+    other transformations, e.g. ``optax.chain(optax.clip_by_global_norm(1.0), sgld(...))``.
 
     Args:
         step_size: alpha > 0.
+        key: PRNG key or integer seed (keyword-only) of the noise; ``init`` puts it in the
+            state, and each ``update`` splits the state's key (one chain per key).
+        temperature: T >= 0 (0: gradient ascent without noise).
 
     Returns:
-        ``optax.GradientTransformation(init, update)``; ``init(params, *, key)`` gives an
+        ``optax.GradientTransformation(init, update)``; ``init(params)`` gives an
         `SGLDState`, ``update(grads, state, params=None) -> (updates, state)``.
 
     References:
@@ -125,29 +353,31 @@ def sgld(step_size: float, *, temperature: float = 1.0) -> optax.GradientTransfo
     """
     if not step_size > 0:
         raise ValueError(f"sgld step_size must be > 0, got {step_size}")
+    if not temperature >= 0:
+        raise ValueError(f"sgld temperature must be >= 0, got {temperature}")
 
-    def init(params: Any, *, key: jax.Array) -> SGLDState:
+    def init(params: Any) -> SGLDState:
         del params
-        return SGLDState(count=jnp.zeros((), jnp.int32), key=_raw_key(key))
+        return SGLDState(count=jnp.zeros((), jnp.int32), key=_state_key(key))
 
     def update(grads: Any, state: SGLDState, params: Any = None) -> tuple[Any, SGLDState]:
         del params
-        key, noise_key = jax.random.split(state.key)
-        noise = _tree_normal(noise_key, grads)
-        scale = np.sqrt(2.0 * step_size * temperature)
-        updates = jax.tree.map(lambda g, w: step_size * g + scale.astype(g.dtype) * w,
-                               grads, noise)
-        return updates, SGLDState(count=state.count + 1, key=key)
+        next_key, noise_key = jax.random.split(state.key)
+        noise = optax.tree.random_like(noise_key, grads)
+        scale = float(np.sqrt(2.0 * step_size * temperature))
+        updates = optax.tree.add_scale(optax.tree.scale(step_size, grads), scale, noise)
+        return updates, SGLDState(count=state.count + 1, key=next_key)
 
     return optax.GradientTransformation(init, update)
 
 
-def psgld(step_size: float, *, decay: float = 0.99, eps: float = 1e-5,
-          bias_correction: bool = True, temperature: float = 1.0) -> optax.GradientTransformation:
+def psgld(step_size: float, *, key: Union[jax.Array, int], decay: float = 0.99,
+          eps: float = 1e-5, bias_correction: bool = True,
+          temperature: float = 1.0) -> optax.GradientTransformation:
     """RMSprop-preconditioned SGLD (pSGLD), with the Gamma correction term dropped.
 
     ``V <- decay V + (1 - decay) g . g``, ``G = 1 / (eps + sqrt(V / (1 - decay^t)))``,
-    ``theta <- theta + alpha G . g + sqrt(2 alpha G) . w``, ``w ~ N(0, I)``, with g the
+    ``theta <- theta + alpha G . g + sqrt(2 alpha T G) . w``, ``w ~ N(0, I)``, with g the
     gradient of the log posterior. The exact sampler also adds ``alpha Gamma(theta)``,
     ``Gamma_i = sum_j dG_ij / dtheta_j``; like Li et al. (and the Deep EM demo's pSGLD) we
     drop it: it is O((1 - decay)) for a slowly varying V and costs a second-order
@@ -157,12 +387,14 @@ def psgld(step_size: float, *, decay: float = 0.99, eps: float = 1e-5,
 
     Args:
         step_size: alpha > 0 (the paper's "lr 0.01 for T_f").
+        key: PRNG key or integer seed (keyword-only) of the noise, as in `sgld`.
         decay: RMSprop decay of the second moment, in [0, 1).
         eps: lambda, keeps G bounded where gradients vanish.
         bias_correction: divide V by ``1 - decay^t``.
+        temperature: T >= 0 (0: RMSprop without noise).
 
     Returns:
-        ``optax.GradientTransformation(init, update)``; ``init(params, *, key)`` gives a
+        ``optax.GradientTransformation(init, update)``; ``init(params)`` gives a
         `PSGLDState`, ``update(grads, state, params=None) -> (updates, state)``.
 
     References:
@@ -174,15 +406,19 @@ def psgld(step_size: float, *, decay: float = 0.99, eps: float = 1e-5,
         raise ValueError(f"psgld decay must be in [0, 1), got {decay}")
     if not eps > 0:
         raise ValueError(f"psgld eps must be > 0, got {eps}")
+    if not temperature >= 0:
+        raise ValueError(f"psgld temperature must be >= 0, got {temperature}")
 
-    def init(params: Any, *, key: jax.Array) -> PSGLDState:
-        return PSGLDState(count=jnp.zeros((), jnp.int32), key=_raw_key(key),
-                          nu=jax.tree.map(jnp.zeros_like, params))
+    def init(params: Any) -> PSGLDState:
+        return PSGLDState(count=jnp.zeros((), jnp.int32), key=_state_key(key),
+                          nu=optax.tree.zeros_like(params))
 
     def update(grads: Any, state: PSGLDState, params: Any = None) -> tuple[Any, PSGLDState]:
         del params
-        key, noise_key = jax.random.split(state.key)
-        noise = _tree_normal(noise_key, grads)
+        next_key, noise_key = jax.random.split(state.key)
+        noise = optax.tree.random_like(noise_key, grads)
+        # Not optax.tree.update_moment_per_elem_norm: it rounds (1 - decay) * g**2, this
+        # ((1 - decay) * g) * g, and the chains of earlier runs are kept bit for bit.
         nu = jax.tree.map(lambda v, g: decay * v + (1.0 - decay) * g * g, state.nu, grads)
         count = state.count + 1
         scale = (1.0 - decay ** count.astype(jnp.float32)) if bias_correction else 1.0
@@ -193,28 +429,17 @@ def psgld(step_size: float, *, decay: float = 0.99, eps: float = 1e-5,
                     + jnp.sqrt(2.0 * step_size * temperature * precond) * w)
 
         updates = jax.tree.map(one, grads, nu, noise)
-        return updates, PSGLDState(count=count, key=key, nu=nu)
+        return updates, PSGLDState(count=count, key=next_key, nu=nu)
 
     return optax.GradientTransformation(init, update)
 
 
-def _make_sampler(config: Any, refine: bool = False) -> optax.GradientTransformation:
-    """The E-step sampler of the EM phase, or of the refinement phase (``refine=True``)."""
-    if refine:
-        step_size = config.get("refine_step_size", config.step_size)
-        temperature, name = config.get("refine_temperature", 0.0), "config.refine_temperature"
-    else:
-        step_size = config.step_size
-        temperature, name = config.get("temperature", 1.0), "config.temperature"
-    if not temperature >= 0:
-        raise ValueError(f"{name} must be >= 0 (1 samples the posterior, 0 is RMSprop "
-                         f"without noise), got {temperature}")
-    if config.sampler == "psgld":
-        return psgld(step_size, decay=config.psgld_decay, eps=config.psgld_eps,
-                     temperature=temperature)
-    if config.sampler == "sgld":
-        return sgld(step_size, temperature=temperature)
-    raise ValueError(f"config.sampler must be 'psgld' or 'sgld', got {config.sampler!r}")
+def _make_sampler(method: MethodHParams, *, key: jax.Array) -> optax.GradientTransformation:
+    """The E-step sampler of ``method`` (step size and temperature of its phase)."""
+    if method.sampler == "psgld":
+        return psgld(method.step_size, key=key, decay=method.psgld_decay, eps=method.psgld_eps,
+                     temperature=method.temperature)
+    return sgld(method.step_size, key=key, temperature=method.temperature)
 
 
 # --------------------------------------------------------------------------------------
@@ -378,9 +603,8 @@ class MCEMModel:
     geometry: Any
     image_net: unet.DIPImageNet
     kernel_net: unet.KernelNet
-    sampler: optax.GradientTransformation
     adam: optax.GradientTransformation
-    config: Any
+    method: MethodHParams
     # (G, k, k) kernels of a non-blind run (`build_model(known_kernels=...)`), else None.
     known_kernels: Optional[np.ndarray] = dataclasses.field(default=None, compare=False)
 
@@ -388,9 +612,16 @@ class MCEMModel:
     def num_kernels(self) -> int:
         return self.kernel_net.num_kernels
 
+    def sampler(self, key: jax.Array) -> optax.GradientTransformation:
+        """The E-step sampler (`psgld` or `sgld`), its noise stream seeded by ``key``.
 
-def _check_image(blurry_shape: tuple, config: Any) -> None:
-    k = config.kernel_size
+        Only ``init`` reads ``key``; ``update`` draws from the key in the sampler state.
+        """
+        return _make_sampler(self.method, key=key)
+
+
+def _check_image(blurry_shape: tuple, method: MethodHParams) -> None:
+    k = method.kernel_size
     if not isinstance(k, int) or k < 3 or k % 2 == 0:
         raise ValueError(f"config.kernel_size must be an odd integer >= 3, got {k!r}; the "
                          "filter flow centres kernels on a pixel (use e.g. 31, not 30)")
@@ -401,9 +632,9 @@ def _check_image(blurry_shape: tuple, config: Any) -> None:
     if h < k or w < k:
         raise ValueError(f"image {h}x{w} is smaller than the {k}x{k} kernel; use a smaller "
                          "config.kernel_size or a larger image")
-    gh, gw = config.grid
+    gh, gw = method.grid
     if gh < 1 or gw < 1 or max(gh, gw) > max(h, w) or min(gh, gw) > min(h, w):
-        raise ValueError(f"grid {tuple(config.grid)} has more cells than the {h}x{w} image "
+        raise ValueError(f"grid {tuple(method.grid)} has more cells than the {h}x{w} image "
                          "has pixels along a side; use a coarser config.grid")
 
 
@@ -423,20 +654,13 @@ def _check_known_kernels(kernels: Any, num_kernels: int, k: int) -> np.ndarray:
     return np.ascontiguousarray(kernels)
 
 
-def _check_refinement(config: Any) -> None:
-    refine = config.get("refine_iterations", 0)
-    if not isinstance(refine, int) or refine < 0:
-        raise ValueError(f"config.refine_iterations must be an integer >= 0, got {refine!r}")
-    if refine:
-        _make_sampler(config, refine=True)  # bad refinement settings fail here, not later
-
-
 def build_model(blurry_shape: tuple, config: Any, known_kernels: Any = None) -> MCEMModel:
     """Networks, filter-flow geometry and optimisers for images of ``blurry_shape``.
 
     Args:
         blurry_shape: (H, W, C) of one observed image.
-        config: an MCEM config (`train_scripts/configs/mcem.py`).
+        config: an MCEM config (`jaxdeblur/configs/mcem.py`), its `MCEMHParams` or
+            `MethodHParams` (the only part used).
         known_kernels: optional kernels for a non-blind run, (k, k) for every cell or
             (G, k, k) per cell: the E-step then samples the image posterior for them, the
             M-step is skipped and the kernel network is unused.
@@ -445,28 +669,29 @@ def build_model(blurry_shape: tuple, config: Any, known_kernels: Any = None) -> 
         An `MCEMModel`.
 
     Raises:
-        ValueError: for even or too large kernels, bad image shapes, too fine grids, or
-            known kernels of the wrong shape or not normalised.
+        ValueError: for a config with missing or unknown fields, even or too large kernels,
+            bad image shapes, too fine grids, or known kernels of the wrong shape or not
+            normalised.
     """
+    method = _method(config)
     blurry_shape = tuple(int(s) for s in blurry_shape)
-    _check_image(blurry_shape, config)
+    _check_image(blurry_shape, method)
     h, w, c = blurry_shape
-    k = config.kernel_size
+    k = method.kernel_size
     latent_shape = (h + k - 1, w + k - 1, c)
-    geometry = blur.eff_windows(latent_shape[:2], tuple(config.grid), k)
+    geometry = blur.eff_windows(latent_shape[:2], tuple(method.grid), k)
     gh, gw = (int(g) for g in geometry.grid_size)
     image_net = unet.DIPImageNet(
-        features=tuple(config.image_net.features), skip_features=config.image_net.skip_features,
-        out_channels=c, norm=config.image_net.norm, num_groups=config.image_net.num_groups)
+        features=tuple(method.image_net.features), skip_features=method.image_net.skip_features,
+        out_channels=c, norm=method.image_net.norm, num_groups=method.image_net.num_groups)
     kernel_net = unet.KernelNet(
-        num_kernels=gh * gw, features=tuple(config.kernel_net.features),
-        skip_features=config.kernel_net.skip_features, norm=config.kernel_net.norm,
-        num_groups=config.kernel_net.num_groups)
+        num_kernels=gh * gw, features=tuple(method.kernel_net.features),
+        skip_features=method.kernel_net.skip_features, norm=method.kernel_net.norm,
+        num_groups=method.kernel_net.num_groups)
     if known_kernels is not None:
         known_kernels = _check_known_kernels(known_kernels, gh * gw, k)
-    _check_refinement(config)
     return MCEMModel(blurry_shape, latent_shape, geometry, image_net, kernel_net,
-                     _make_sampler(config), optax.adam(config.m_step_lr), config, known_kernels)
+                     optax.adam(method.m_step_lr), method, known_kernels)
 
 
 def _crop(latent: jax.Array, k: int) -> jax.Array:
@@ -475,8 +700,8 @@ def _crop(latent: jax.Array, k: int) -> jax.Array:
 
 
 def _reblur(model: MCEMModel, latent: jax.Array, kernels: jax.Array) -> jax.Array:
-    out = blur.filter_flow_blur(latent, kernels, model.geometry, method=model.config.blur_method)
-    return _crop(out, model.config.kernel_size)
+    out = blur.filter_flow_blur(latent, kernels, model.geometry, method=model.method.blur_method)
+    return _crop(out, model.method.kernel_size)
 
 
 def _kernels(model: MCEMModel, kernel_params: Any, z_kernel: jax.Array, uniform: bool):
@@ -496,7 +721,7 @@ def init_state(model: MCEMModel, *, key: jax.Array) -> MCEMState:
     Returns:
         An `MCEMState` at iteration 0.
     """
-    cfg = model.config
+    cfg = model.method
     keys = jax.random.split(_raw_key(key), 5)
     h, w, _ = model.latent_shape
     k = cfg.kernel_size
@@ -506,7 +731,7 @@ def init_state(model: MCEMModel, *, key: jax.Array) -> MCEMState:
                                 scale=cfg.kernel_net.noise_scale)
     image_params = model.image_net.init(keys[2], z_image)
     kernel_params = model.kernel_net.init(keys[3], z_kernel)
-    chain = ChainState(image_params, model.sampler.init(image_params, key=keys[4]),
+    chain = ChainState(image_params, model.sampler(keys[4]).init(image_params),
                        welford_init(jnp.zeros(model.latent_shape, jnp.float32)),
                        jnp.zeros((), jnp.int32))
     return MCEMState(chain, kernel_params, model.adam.init(kernel_params), z_image, z_kernel,
@@ -515,7 +740,7 @@ def init_state(model: MCEMModel, *, key: jax.Array) -> MCEMState:
 
 def _log_likelihood(model: MCEMModel, latent, kernels, blurry):
     residual = blurry - _reblur(model, latent, kernels)
-    return -jnp.sum(residual * residual) / (2.0 * model.config.noise_sigma ** 2)
+    return -jnp.sum(residual * residual) / (2.0 * model.method.noise_sigma ** 2)
 
 
 def _reset_chain(model: MCEMModel, state: MCEMState) -> MCEMState:
@@ -526,7 +751,7 @@ def _reset_chain(model: MCEMModel, state: MCEMState) -> MCEMState:
     ``rho^j`` for samples of the E-step ``j`` iterations back); ``rho = 0`` keeps only the
     current E-step's samples (plain MCEM).
     """
-    rho = jnp.float32(model.config.get("moment_decay", 0.0))
+    rho = jnp.float32(model.method.moment_decay)
     stats = state.chain.stats
     stats = Welford(stats.count * rho, stats.mean, stats.m2 * rho)
     chain = state.chain._replace(stats=stats, step=jnp.zeros((), jnp.int32))
@@ -551,7 +776,7 @@ def e_step(model: MCEMModel, state: MCEMState, blurry: jax.Array, *, length: int
     Returns:
         The updated `MCEMState`.
     """
-    cfg = model.config
+    cfg = model.method
     kernels = jax.lax.stop_gradient(
         _kernels(model, state.kernel_params, state.z_kernel, uniform))
 
@@ -560,8 +785,10 @@ def e_step(model: MCEMModel, state: MCEMState, blurry: jax.Array, *, length: int
         prior = sum(jnp.sum(p * p) for p in jax.tree.leaves(params))
         return _log_likelihood(model, latent, kernels, blurry) - 0.5 * cfg.weight_decay * prior
 
+    # The chain's own key seeds the transformation; update draws from the state's key.
+    sampler = model.sampler(state.chain.sampler.key)
     chain = langevin_chain(state.chain, jax.grad(log_posterior),
-                           lambda p: model.image_net.apply(p, state.z_image), model.sampler,
+                           lambda p: model.image_net.apply(p, state.z_image), sampler,
                            length=length, burn_in=cfg.e_step_burn_in, unroll=unroll)
     return state._replace(chain=chain)
 
@@ -589,10 +816,10 @@ def _q_loss(model: MCEMModel, kernel_params, state: MCEMState, blurry, uniform: 
     kernels = _kernels(model, kernel_params, state.z_kernel, uniform)
     residual = blurry - _reblur(model, state.chain.stats.mean, kernels)
     loss = jnp.mean(residual * residual)
-    if model.config.m_step_variance_term:
+    if model.method.m_step_variance_term:
         var = welford_variance(state.chain.stats)
         loss = loss + jnp.mean(_reblur(model, var, kernels * kernels))
-    weight = model.config.get("kernel_centre_weight", 0.0)
+    weight = model.method.kernel_centre_weight
     if weight:
         loss = loss + weight * jnp.mean(jnp.sum(kernel_centroid(kernels) ** 2, axis=-1))
     return loss
@@ -651,7 +878,7 @@ def em_iteration(model: MCEMModel, state: MCEMState, blurry: jax.Array, *,
     Returns:
         The `MCEMState` after the iteration.
     """
-    cfg = model.config
+    cfg = model.method
     state = e_step(model, _reset_chain(model, state), blurry, length=cfg.e_step_steps,
                    uniform=uniform, unroll=unroll)
     state = m_step(model, state, blurry, length=cfg.m_step_steps, uniform=uniform,
@@ -694,19 +921,6 @@ def resolve_unroll(value: Any, backend: Optional[str] = None) -> bool:
     raise ValueError(f"config.loop must be 'auto', 'unroll' or 'scan', got {value!r}")
 
 
-def refine_model(model: MCEMModel) -> MCEMModel:
-    """The model of the refinement phase: the same networks, the refinement sampler.
-
-    After ``config.em_iterations`` of MCEM, ``config.refine_iterations`` more iterations run
-    the E-step chain at ``config.refine_temperature`` (0: RMSprop on the image network, no
-    noise) with step ``config.refine_step_size``, the M-step still fitting the kernels: the
-    sampling phase finds the kernel and a posterior mean, the cold phase sharpens both
-    (see the config for the measurement). The uncertainty map stays the sampling phase's
-    (`snapshot_uncertainty`).
-    """
-    return dataclasses.replace(model, sampler=_make_sampler(model.config, refine=True))
-
-
 def snapshot_uncertainty(state: MCEMState) -> MCEMState:
     """Stores the chain's current per-pixel variance as the posterior variance of the result.
 
@@ -722,7 +936,7 @@ def result(model: MCEMModel, state: MCEMState, blurry: jax.Array, *, uniform: bo
 
     With ``refined`` (static) the std is that of the sampling phase (``state.posterior_var``).
     """
-    k = model.config.kernel_size
+    k = model.method.kernel_size
     image = _crop(state.chain.stats.mean, k)
     var = state.posterior_var if refined else welford_variance(state.chain.stats)
     std = jnp.sqrt(_crop(var, k))
@@ -732,84 +946,129 @@ def result(model: MCEMModel, state: MCEMState, blurry: jax.Array, *, uniform: bo
     return image, kernels, std, data_fit(model, state, blurry, uniform=uniform)
 
 
-class _Stepper:
-    """jit(vmap(.)) versions of the MCEM steps for one model, batch and sharding.
+class _StaticArray:
+    """A NumPy array as a static argument of `jax.jit`: hashed and compared by its bytes."""
 
-    Every step is compiled per phase, ``(uniform, refine)``: the warm-up ties the kernel
-    heads, the refinement phase uses `refine_model`'s sampler.
+    def __init__(self, array: np.ndarray):
+        self.array = np.ascontiguousarray(array)
+        self._id = (self.array.shape, self.array.dtype.str,
+                    hashlib.sha1(self.array.tobytes()).hexdigest())
+
+    def __hash__(self) -> int:
+        return hash(self._id)
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, _StaticArray) and self._id == other._id
+
+
+def _count_iteration(model: MCEMModel, state: MCEMState) -> MCEMState:
+    del model
+    return state._replace(iteration=state.iteration + 1)
+
+
+def _snapshot(model: MCEMModel, state: MCEMState) -> MCEMState:
+    del model
+    return snapshot_uncertainty(state)
+
+
+def _batched(state: MCEMState, *args, fn: Callable, image_shape: tuple, method: MethodHParams,
+             known: Optional[_StaticArray], mesh: Any, options: tuple) -> Any:
+    """``fn(model, state, *args, **options)`` over a batch: vmapped, shard_mapped on a mesh.
+
+    Jitted as `_update` and `_evaluate` with every argument after ``args`` static. The model
+    is built here from them, so compiled code depends on the hyperparameters only through
+    ``method``: jax's jit cache compiles a step once per ``(fn, image_shape, method, known,
+    mesh, options)`` and input shapes, and nothing of `RunHParams` can reach it.
+    """
+    model = build_model(image_shape, method, None if known is None else known.array)
+    batched = jax.vmap(functools.partial(fn, model, **dict(options)))
+    if mesh is not None:
+        # Each device runs the vmapped step on its own slice of the batch. Leaving the
+        # split to XLA's SPMD partitioner failed on the filter flow's grouped
+        # convolution ("output feature dimension (4) not divisible by
+        # feature_group_count (8)"); per-device code has nothing to partition.
+        spec = jax.sharding.PartitionSpec("data")
+        batched = jax.shard_map(batched, mesh=mesh, in_specs=spec, out_specs=spec)
+    return batched(state, *args)
+
+
+_STATIC_ARGNAMES = ("fn", "image_shape", "method", "known", "mesh", "options")
+# Steps that replace the state (donated, argument 0) and steps that only read it.
+_update = jax.jit(_batched, static_argnames=_STATIC_ARGNAMES, donate_argnums=0)
+_evaluate = jax.jit(_batched, static_argnames=_STATIC_ARGNAMES)
+
+
+class _Steps:
+    """The compiled MCEM steps of one run: image size, hyperparameters, known kernels, mesh.
+
+    Holds no compiled code itself: every step is `_update` or `_evaluate`, so a step is
+    compiled once per phase it meets and reused by later runs with an equal `MethodHParams`.
+    Phases are ``(uniform, refine)``: the warm-up ties the kernel heads, the refinement
+    phase's E-step runs `refine_method`; steps without a sampler use the EM method in
+    both phases, so they compile once.
     """
 
-    def __init__(self, model: MCEMModel, sharding: Any = None):
-        cfg = model.config
-        self.model = model
-        self.models = {False: model}
-        self.sharding = sharding
-        self.unroll = resolve_unroll(cfg.get("loop", "auto"))
-        self.e_chunk = resolve_chunk(cfg.e_step_chunk, cfg.e_step_steps, self.unroll)
-        self.m_chunk = resolve_chunk(cfg.m_step_chunk, cfg.m_step_steps, self.unroll)
-        self.whole = (self.e_chunk == cfg.e_step_steps and self.m_chunk == cfg.m_step_steps)
-        self._compiled: dict = {}
-        self.reset = self._jit(jax.vmap(functools.partial(_reset_chain, model)))
-        self.bump = self._jit(jax.vmap(lambda s: s._replace(iteration=s.iteration + 1)))
-        self.snapshot = self._jit(jax.vmap(snapshot_uncertainty))
+    def __init__(self, image_shape: tuple, hparams: MCEMHParams, known_kernels: Any,
+                 mesh: Any):
+        method = hparams.method
+        self.methods = {False: method, True: refine_method(hparams)}
+        self.static = {"image_shape": tuple(image_shape), "mesh": mesh,
+                       "known": None if known_kernels is None else _StaticArray(known_kernels)}
+        self.unroll = resolve_unroll(method.loop)
+        self.e_chunk = resolve_chunk(method.e_step_chunk, method.e_step_steps, self.unroll)
+        self.m_chunk = resolve_chunk(method.m_step_chunk, method.m_step_steps, self.unroll)
+        self.e_calls = method.e_step_steps // self.e_chunk
+        self.m_calls = method.m_step_steps // self.m_chunk
 
-    def _jit(self, fn, donate: bool = True):
-        """jit with the state (argument 0) donated and outputs on the batch sharding."""
-        kwargs = {"donate_argnums": 0} if donate else {}
-        if self.sharding is not None:
-            kwargs["out_shardings"] = self.sharding
-        return jax.jit(fn, **kwargs)
-
-    def _step(self, fn, phase: tuple, donate: bool = True, **static):
-        """``fn`` of the phase's model, vmapped (shard_mapped on a mesh) and jitted, cached."""
-        cache_key = (fn, phase, tuple(sorted(static.items())))
-        if cache_key not in self._compiled:
-            uniform, refine = phase
-            if refine not in self.models:
-                self.models[refine] = refine_model(self.model)
-            batched = jax.vmap(functools.partial(fn, self.models[refine], uniform=uniform,
-                                                 **static))
-            if self.sharding is not None:
-                # Each device runs the vmapped step on its own slice of the batch. Leaving the
-                # split to XLA's SPMD partitioner failed on the filter flow's grouped
-                # convolution ("output feature dimension (4) not divisible by
-                # feature_group_count (8)"); per-device code has nothing to partition.
-                spec = jax.sharding.PartitionSpec("data")
-                batched = jax.shard_map(batched, mesh=self.sharding.mesh, in_specs=spec,
-                                        out_specs=spec)
-            self._compiled[cache_key] = self._jit(batched, donate)
-        return self._compiled[cache_key]
+    def _call(self, fn: Callable, state: MCEMState, *args, refine: bool = False,
+              donate: bool = True, **options) -> Any:
+        step = _update if donate else _evaluate
+        return step(state, *args, fn=fn, method=self.methods[refine],
+                    options=tuple(sorted(options.items())), **self.static)
 
     def iteration(self, state: MCEMState, blurry: jax.Array, phase: tuple) -> MCEMState:
-        """One EM iteration of ``phase = (uniform, refine)``."""
-        if self.whole:
-            return self._step(em_iteration, phase, unroll=self.unroll)(state, blurry)
-        cfg = self.model.config
+        """One EM iteration of ``phase = (uniform, refine)``: one call, or one per chunk."""
+        uniform, refine = phase
+        if self.e_calls == 1 and self.m_calls == 1:
+            return self._call(em_iteration, state, blurry, refine=refine, uniform=uniform,
+                              unroll=self.unroll)
         state = self.e_step(state, blurry, phase)
-        m = self._step(m_step, phase, length=self.m_chunk, unroll=self.unroll)
-        for _ in range(cfg.m_step_steps // self.m_chunk):
-            state = m(state, blurry)
-        return self.bump(state)
+        for _ in range(self.m_calls):
+            state = self._call(m_step, state, blurry, uniform=uniform, length=self.m_chunk,
+                               unroll=self.unroll)
+        return self._call(_count_iteration, state)
 
     def e_step(self, state: MCEMState, blurry: jax.Array, phase: tuple) -> MCEMState:
         """One whole E-step (new burn-in, then every chunk of the chain)."""
-        state = self.reset(state)
-        e = self._step(e_step, phase, length=self.e_chunk, unroll=self.unroll)
-        for _ in range(self.model.config.e_step_steps // self.e_chunk):
-            state = e(state, blurry)
+        uniform, refine = phase
+        state = self._call(_reset_chain, state)
+        for _ in range(self.e_calls):
+            state = self._call(e_step, state, blurry, refine=refine, uniform=uniform,
+                               length=self.e_chunk, unroll=self.unroll)
         return state
 
-    def data_fit(self, state, blurry, phase):
-        # The data fit does not involve the sampler: one compiled function for both phases.
-        return self._step(data_fit, (phase[0], False), donate=False)(state, blurry)
+    def snapshot(self, state: MCEMState) -> MCEMState:
+        return self._call(_snapshot, state)
 
-    def result(self, state, blurry, phase):
-        return self._step(result, phase, donate=False, refined=phase[1])(state, blurry)
+    def data_fit(self, state: MCEMState, blurry: jax.Array, phase: tuple) -> jax.Array:
+        return self._call(data_fit, state, blurry, donate=False, uniform=phase[0])
+
+    def result(self, state: MCEMState, blurry: jax.Array, phase: tuple) -> tuple:
+        return self._call(result, state, blurry, donate=False, uniform=phase[0],
+                          refined=phase[1])
+
+
+def _run(config: Any) -> RunHParams:
+    """The `RunHParams` of a config, `MCEMHParams` or `RunHParams`."""
+    if isinstance(config, RunHParams):
+        return config
+    return hparams_from_config(config).run
 
 
 def total_iterations(config: Any) -> int:
-    """EM iterations of a run: the sampling phase and the refinement phase."""
-    return config.em_iterations + config.get("refine_iterations", 0)
+    """EM iterations of a run (config, `MCEMHParams` or `RunHParams`): both phases."""
+    run = _run(config)
+    return run.em_iterations + run.refine_iterations
 
 
 def iteration_phase(config: Any, iteration: int) -> tuple[bool, bool]:
@@ -817,38 +1076,12 @@ def iteration_phase(config: Any, iteration: int) -> tuple[bool, bool]:
 
     ``iteration = total_iterations(config)`` is the final E-step. Warm-up iterations tie the
     kernel heads; the refinement phase keeps the kernel mode the sampling phase ended in.
+    ``config``: a config, `MCEMHParams` or `RunHParams`.
     """
-    refine = iteration >= config.em_iterations and config.get("refine_iterations", 0) > 0
-    uniform = min(iteration, config.em_iterations - 1) < config.warmup_iterations
+    run = _run(config)
+    refine = iteration >= run.em_iterations and run.refine_iterations > 0
+    uniform = min(iteration, run.em_iterations - 1) < run.warmup_iterations
     return uniform, refine
-
-
-_STEPPERS: dict = {}
-# Config fields that only steer the host loop; they do not change what is compiled.
-_LOOP_FIELDS = ("seed", "em_iterations", "warmup_iterations", "refine_iterations", "log_every",
-                "checkpoint_every", "synthetic")
-
-
-def _stepper(batch_shape: tuple, config: Any, mesh: Any, known_kernels: Any = None) -> _Stepper:
-    """Compiled steps, reused across calls with the same image size, config, mesh, kernels."""
-    settings = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-    for loop_only in _LOOP_FIELDS:
-        settings.pop(loop_only, None)
-    settings = json.dumps(settings, sort_keys=True, default=str)
-    known = None
-    if known_kernels is not None:
-        known = np.asarray(known_kernels, np.float32)
-        known = (known.shape, hashlib.sha1(np.ascontiguousarray(known).tobytes()).hexdigest())
-    cache_key = (batch_shape, settings, mesh, known)
-    if cache_key not in _STEPPERS:
-        sharding = None
-        if mesh is not None:
-            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-        if len(_STEPPERS) >= 8:
-            _STEPPERS.pop(next(iter(_STEPPERS)))
-        _STEPPERS[cache_key] = _Stepper(build_model(batch_shape[1:], config, known_kernels),
-                                        sharding)
-    return _STEPPERS[cache_key]
 
 
 def deblur(
@@ -865,7 +1098,7 @@ def deblur(
 
     Runs ``config.em_iterations`` MCEM iterations (the first ``config.warmup_iterations``
     with one kernel for every cell), then ``config.refine_iterations`` cold ones (the E-step
-    at ``config.refine_temperature``, see `refine_model`), then a last E-step whose
+    at ``config.refine_temperature``, see `refine_method`), then a last E-step whose
     post-burn-in samples give the posterior mean; the standard deviation is that of the
     sampling phase. Iterations are counted across both phases (``state.iteration``, the
     callback's ``iteration``), so a run resumes from a checkpoint in either. A batch is
@@ -875,7 +1108,8 @@ def deblur(
 
     Args:
         blurry: (H, W, C) or (B, H, W, C) float32 in [0, 1].
-        config: an MCEM config (see `train_scripts/configs/mcem.py`).
+        config: an MCEM config (see `jaxdeblur/configs/mcem.py`) or its `MCEMHParams`;
+            checked once, here (`hparams_from_config`).
         key: PRNG key (keyword-only): one key, or a (B,) batch of keys for a batch (image b
             with key b gives the same result as a single run with that key).
         mesh: optional `jax.sharding.Mesh` with a ``data`` axis of type ``AxisType.Auto``
@@ -893,10 +1127,13 @@ def deblur(
         An `MCEMResult` (arrays with a leading batch axis when the input had one).
 
     Raises:
-        ValueError: bad shapes or configuration (see `build_model`).
+        ValueError: bad shapes, or a config with a missing, unknown or bad field (see
+            `hparams_from_config` and `build_model`).
         DataFitError: the data fit became NaN or infinite (the state before it is kept by
             the caller's last checkpoint).
     """
+    hparams = hparams_from_config(config)
+    run = hparams.run
     blurry = jnp.asarray(blurry, jnp.float32)
     single = blurry.ndim == 3
     if single:
@@ -905,16 +1142,16 @@ def deblur(
         raise ValueError(f"deblur expects (H, W, C) or (B, H, W, C), got {blurry.shape}")
     if not bool(jnp.all(jnp.isfinite(blurry))):
         raise ValueError("the blurry image contains NaN or infinite values")
-    _check_refinement(config)  # loop-only fields: a cached stepper does not check them
-    stepper = _stepper(tuple(blurry.shape), config, mesh, known_kernels)
-    model = stepper.model
+    model = build_model(blurry.shape[1:], hparams.method, known_kernels)
+    steps = _Steps(model.image_shape, hparams, model.known_kernels, mesh)
     keys = _raw_key(key)
     keys = keys[None] if single else keys
     if keys.shape[0] != blurry.shape[0]:
         raise ValueError(f"need one key per image: got {keys.shape[0]} keys for "
                          f"{blurry.shape[0]} images")
-    sharding = stepper.sharding
-    if sharding is not None:
+    sharding = None
+    if mesh is not None:
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
         blurry = jax.device_put(blurry, sharding)
     if state is None:
         # Eager per-image initialisation: compiling the vmapped initialisers (threefry and
@@ -925,15 +1162,15 @@ def deblur(
         state = jax.device_put(state, sharding)
     history = []
     start = int(np.asarray(state.iteration).reshape(-1)[0])
-    total = total_iterations(config)
+    total = total_iterations(run)
     for it in range(start, total):
-        phase = iteration_phase(config, it)
-        if phase[1] and it == config.em_iterations:
-            state = stepper.snapshot(state)
-        state = stepper.iteration(state, blurry, phase)
+        phase = iteration_phase(run, it)
+        if phase[1] and it == run.em_iterations:
+            state = steps.snapshot(state)
+        state = steps.iteration(state, blurry, phase)
         last = it + 1 == total
-        if (it + 1) % config.log_every == 0 or last:
-            fit = np.asarray(stepper.data_fit(state, blurry, phase))
+        if (it + 1) % run.log_every == 0 or last:
+            fit = np.asarray(steps.data_fit(state, blurry, phase))
             if not np.all(np.isfinite(fit)):
                 raise DataFitError(
                     f"data fit is {fit.tolist()} at EM iteration {it + 1}: the chain diverged. "
@@ -942,9 +1179,9 @@ def deblur(
             history.append((it + 1, fit.tolist()))
             if callback is not None:
                 callback(it + 1, state, fit)
-    phase = iteration_phase(config, total)
-    state = stepper.e_step(state, blurry, phase)
-    image, kernels, std, fit = (np.asarray(a) for a in stepper.result(state, blurry, phase))
+    phase = iteration_phase(run, total)
+    state = steps.e_step(state, blurry, phase)
+    image, kernels, std, fit = (np.asarray(a) for a in steps.result(state, blurry, phase))
     if not np.all(np.isfinite(fit)):
         raise DataFitError(f"final data fit is {fit.tolist()}: the chain diverged")
     if single:

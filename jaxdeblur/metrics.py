@@ -659,3 +659,34 @@ def kernel_cosine_similarity(estimate, truth, *, max_shift: int = 3) -> float:
             r = np.roll(estimate, (dy, dx), axis=(0, 1))
             best = max(best, float((r * truth).sum() / np.linalg.norm(r) / np.linalg.norm(truth)))
     return best
+
+
+#: The evaluation protocols of the benchmarks (SPEC section 5), by name.
+PROTOCOLS = {
+    "uint8": "GoPro/HIDE: uint8 RGB (round(255 x)), whole image, no border crop",
+    "realblur": "RealBlur: intensity matching + ECC homography alignment, masked PSNR/SSIM",
+    "shift": "Levin/Lai: 15-px crop, best sub-pixel shift (0.25 px steps up to 10 px), PSNR "
+             "only",
+}
+
+
+def protocol_metric(protocol: str):
+    """``metric(restored, sharp) -> (psnr, ssim or None)`` of a benchmark protocol, jitted.
+
+    Args:
+      protocol: a key of `PROTOCOLS`: ``uint8`` (`psnr_uint8`, `ssim_uint8`), ``realblur``
+        (`realblur_psnr_ssim`) or ``shift`` (`shift_searched_psnr`, no SSIM).
+
+    Returns:
+      A function of two ``(H, W, C)`` images in [0, 1] returning Python floats.
+    """
+    if protocol == "uint8":
+        psnr_fn, ssim_fn = jax.jit(psnr_uint8), jax.jit(ssim_uint8)
+        return lambda x, y: (float(psnr_fn(x, y)), float(ssim_fn(x, y)))
+    if protocol == "realblur":
+        both = jax.jit(realblur_psnr_ssim)
+        return lambda x, y: tuple(float(v) for v in both(x, y))
+    if protocol == "shift":
+        shifted = jax.jit(shift_searched_psnr)
+        return lambda x, y: (float(shifted(x, y)), None)
+    raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")

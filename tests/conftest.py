@@ -19,3 +19,13 @@ def load_fixture(name: str) -> dict:
                     "the repository; set JAXDEBLUR_FIXTURES to point elsewhere)")
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
+
+
+# Hypothesis draws the same examples on every CI run (a failure found once is found again,
+# and a green run cannot turn red by chance); locally it explores new examples.
+import hypothesis  # noqa: E402
+
+hypothesis.settings.register_profile("ci", derandomize=True, deadline=None,
+                                     print_blob=True)
+hypothesis.settings.register_profile("dev", deadline=None)
+hypothesis.settings.load_profile("ci" if os.environ.get("CI") else "dev")

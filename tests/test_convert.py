@@ -28,6 +28,20 @@ def test_flow_round_trip_through_official_names(state_dict):
         np.testing.assert_array_equal(back[key], value, err_msg=key)
 
 
+@pytest.mark.parametrize("features, block", [(361, 0), (361, 1), (49, 2), (50, 3)])
+def test_official_mask_is_the_flow_mask(features, block):
+    """convert checks official masks without importing the flow (it is the flow's leaf)."""
+    np.testing.assert_array_equal(convert.coupling_mask(features, block),
+                                  np.asarray(flow.checkerboard_mask(features, block)))
+
+
+def test_flow_config_from_variables_matches_the_module():
+    module = flow.KernelFlow(kernel_size=5, n_blocks=3, hidden_size=8, n_hidden=2)
+    variables = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((2, 5, 5)))
+    assert convert.flow_config_from_variables(variables) == {
+        "kernel_size": 5, "n_blocks": 3, "hidden_size": 8, "n_hidden": 2}
+
+
 def test_converted_variables_fit_the_module(state_dict):
     variables = convert.flow_variables_from_state_dict(state_dict)
     expected = jax.eval_shape(flow.KernelFlow().init, jax.random.key(0),

@@ -1,15 +1,15 @@
 """Tests for jaxdeblur.mcem: Langevin samplers, the chunked E-step, and MCEM end to end."""
 
-import contextlib
+import functools
 import os
 import subprocess
 import sys
 import textwrap
 
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import scipy.stats
 
@@ -23,11 +23,12 @@ def _gaussian_grad(theta):
     return -(theta - _MU) / _STD ** 2
 
 
-def _run_chains(sampler, n_chains=2000, n_steps=4000):
+def _run_chains(make_sampler, n_chains=2000, n_steps=4000):
     """Many independent chains (vmap), each a lax.scan; returns their final states."""
 
     def chain(key):
-        state = sampler.init(jnp.zeros(2), key=key)
+        sampler = make_sampler(key=key)
+        state = sampler.init(jnp.zeros(2))
 
         def step(carry, _):
             theta, s = carry
@@ -41,16 +42,16 @@ def _run_chains(sampler, n_chains=2000, n_steps=4000):
     return np.asarray(jax.jit(jax.vmap(chain))(keys))
 
 
-@pytest.mark.parametrize("name, sampler", [
-    ("sgld", mcem.sgld(0.01)),
-    ("psgld", mcem.psgld(0.01, decay=0.9995, eps=1e-5)),
+@pytest.mark.parametrize("name, make_sampler", [
+    ("sgld", functools.partial(mcem.sgld, 0.01)),
+    ("psgld", functools.partial(mcem.psgld, 0.01, decay=0.9995, eps=1e-5)),
 ])
-def test_sampler_gaussian_target(name, sampler):
+def test_sampler_gaussian_target(name, make_sampler):
     # pSGLD drops the Gamma term, which is only harmless when the preconditioner changes
     # slowly compared with the chain's mixing: with decay 0.99 (memory ~100 steps, as long
     # as the relaxation time here) the stationary law is ~ pi / G and the std comes out
     # 13-26% too large; with decay 0.9995 it is within 2%.
-    samples = _run_chains(sampler)
+    samples = _run_chains(make_sampler)
     np.testing.assert_allclose(samples.mean(0), _MU, atol=0.1 * np.asarray(_STD).max())
     np.testing.assert_allclose(samples.std(0), _STD, rtol=0.08)
     for d in range(2):
@@ -60,8 +61,9 @@ def test_sampler_gaussian_target(name, sampler):
 
 def test_sampler_state_through_scan():
     params = {"w": jnp.ones((3, 2)), "b": jnp.zeros((2,), jnp.float32)}
-    for sampler in (mcem.sgld(1e-3), mcem.psgld(1e-3)):
-        state = sampler.init(params, key=jax.random.key(0))
+    for sampler in (mcem.sgld(1e-3, key=jax.random.key(0)),
+                    mcem.psgld(1e-3, key=jax.random.key(0))):
+        state = sampler.init(params)
         stats = mcem.welford_init(params["w"])
         chain = mcem.ChainState(params, state, stats, jnp.zeros((), jnp.int32))
         out = jax.jit(lambda c: mcem.langevin_chain(
@@ -75,8 +77,8 @@ def test_sampler_state_through_scan():
 
 def test_chunked_chain_equals_one_scan():
     params = {"w": jnp.linspace(-1.0, 1.0, 6)}
-    sampler = mcem.psgld(1e-2)
-    chain = mcem.ChainState(params, sampler.init(params, key=jax.random.key(3)),
+    sampler = mcem.psgld(1e-2, key=jax.random.key(3))
+    chain = mcem.ChainState(params, sampler.init(params),
                             mcem.welford_init(params["w"]), jnp.zeros((), jnp.int32))
     run = jax.jit(lambda c, n: mcem.langevin_chain(
         c, lambda p: {"w": -4.0 * p["w"]}, lambda p: p["w"], sampler, length=n, burn_in=4),
@@ -145,8 +147,8 @@ def test_resolve_chunk_and_unroll():
 def test_unrolled_chain_equals_scan():
     """The CPU form (straight-line steps) and the accelerator form (lax.scan) agree."""
     params = {"w": jnp.linspace(-1.0, 1.0, 6), "b": jnp.array([0.3])}
-    sampler = mcem.psgld(1e-2)
-    chain = mcem.ChainState(params, sampler.init(params, key=jax.random.key(5)),
+    sampler = mcem.psgld(1e-2, key=jax.random.key(5))
+    chain = mcem.ChainState(params, sampler.init(params),
                             mcem.welford_init(params["w"]), jnp.zeros((), jnp.int32))
     run = jax.jit(lambda c, unroll: mcem.langevin_chain(
         c, lambda p: jax.tree.map(lambda x: -3.0 * x, p), lambda p: p["w"], sampler,
@@ -159,14 +161,83 @@ def test_unrolled_chain_equals_scan():
 
 def test_temperature_scales_the_noise_only():
     grads = {"w": jnp.full((4000,), 2.0)}
-    for make in (lambda t: mcem.sgld(1e-2, temperature=t),
-                 lambda t: mcem.psgld(1e-2, temperature=t)):
+    for make in (lambda t: mcem.sgld(1e-2, key=jax.random.key(0), temperature=t),
+                 lambda t: mcem.psgld(1e-2, key=jax.random.key(0), temperature=t)):
         cold, warm = make(0.0), make(1.0)
-        drift, _ = cold.update(grads, cold.init(grads, key=jax.random.key(0)))
-        noisy, _ = warm.update(grads, warm.init(grads, key=jax.random.key(0)))
+        drift, _ = cold.update(grads, cold.init(grads))
+        noisy, _ = warm.update(grads, warm.init(grads))
         assert float(jnp.std(drift["w"])) < 1e-6
         np.testing.assert_allclose(jnp.mean(noisy["w"]), drift["w"][0], rtol=0.1)
         assert float(jnp.std(noisy["w"])) > 0.0
+
+
+@pytest.mark.parametrize("name, make_sampler, gain", [
+    ("sgld", mcem.sgld, 1.0),
+    # Zero gradients: V = 0, G = 1 / eps, so the noise is sqrt(2 alpha T / eps).
+    ("psgld", functools.partial(mcem.psgld, eps=1.0), 1.0),
+    ("psgld eps 0.5", functools.partial(mcem.psgld, eps=0.5), 2.0),
+])
+def test_noise_scale_is_sqrt_2_alpha_temperature(name, make_sampler, gain):
+    alpha, temperature, n = 1e-2, 0.25, 200_000
+    grads = {"w": jnp.zeros((n,)), "b": jnp.zeros((3, 7))}
+    sampler = make_sampler(alpha, key=7, temperature=temperature)
+    update = jax.jit(sampler.update)
+    updates, state = update(grads, sampler.init(grads))
+    expected = np.sqrt(2.0 * alpha * temperature * gain)
+    # The std of n normal samples has a relative standard error of 1 / sqrt(2n) = 0.16%.
+    np.testing.assert_allclose(np.std(updates["w"]), expected, rtol=0.01, err_msg=name)
+    assert abs(float(np.mean(updates["w"]))) < 5 * expected / np.sqrt(n)
+    again, _ = update(grads, state)  # the state's key moved on: fresh noise
+    assert abs(float(np.corrcoef(again["w"], updates["w"])[0, 1])) < 0.02
+
+
+def test_sampler_seed_equals_key():
+    """An integer seed (as `optax.add_noise` takes one) is the key ``jax.random.key(seed)``."""
+    grads = {"w": jnp.ones((5,))}
+    by_seed = mcem.psgld(1e-2, key=3)
+    by_key = mcem.psgld(1e-2, key=jax.random.key(3))
+    a, _ = by_seed.update(grads, by_seed.init(grads))
+    b, _ = by_key.update(grads, by_key.init(grads))
+    np.testing.assert_array_equal(a["w"], b["w"])
+
+
+def test_psgld_composes_with_optax_chain_inside_scan():
+    """``optax.chain(clip_by_global_norm, psgld)`` runs in a jitted ``lax.scan`` and keeps
+    its state's shapes and dtypes; at temperature 0 it is psgld on the clipped gradient."""
+    params = {"w": jnp.linspace(-1.0, 1.0, 6), "b": jnp.array([0.3], jnp.float32)}
+
+    def grad(p):
+        return jax.tree.map(lambda x: -30.0 * x, p)  # global norm > 1: the clip acts
+
+    def run(transform, length=8):
+        def step(carry, _):
+            p, s = carry
+            updates, s = transform.update(grad(p), s, p)
+            return (optax.apply_updates(p, updates), s), None
+
+        state = transform.init(params)
+        (p, out), _ = jax.jit(lambda c: jax.lax.scan(step, c, None, length=length))(
+            (params, state))
+        return p, state, out
+
+    noisy = optax.chain(optax.clip_by_global_norm(1.0), mcem.psgld(1e-2, key=jax.random.key(0)))
+    p, state, out = run(noisy)
+    assert jax.tree.structure(out) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(state)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+    assert int(out[1].count) == 8
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(p))
+
+    cold = mcem.psgld(1e-2, key=0, temperature=0.0)
+    chained, _, _ = run(optax.chain(optax.clip_by_global_norm(1.0), cold))
+    p, s = params, cold.init(params)
+    for _ in range(8):
+        g = grad(p)
+        g = jax.tree.map(lambda x: x / jnp.maximum(1.0, optax.tree.norm(g)), g)
+        updates, s = cold.update(g, s, p)
+        p = optax.apply_updates(p, updates)
+    for a, b in zip(jax.tree.leaves(chained), jax.tree.leaves(p)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_kernel_centroid():
@@ -184,7 +255,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _config(**overrides):
     import importlib.util
     spec = importlib.util.spec_from_file_location(
-        "mcem_config", os.path.join(_REPO, "train_scripts", "configs", "mcem.py"))
+        "mcem_config", os.path.join(_REPO, "jaxdeblur", "configs", "mcem.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
@@ -276,6 +347,26 @@ def test_deblur_result_shapes_and_ranges():
     assert np.all(r.image > 0) and np.all(r.image < 1) and np.all(r.uncertainty >= 0)
     np.testing.assert_allclose(r.kernels.sum(axis=(1, 2)), 1.0, atol=1e-5)
     assert [it for it, _ in r.history] == [1, 2, 3] and np.isfinite(r.data_fit)
+
+
+def test_compiled_steps_are_keyed_by_method_not_run():
+    """Run fields (iteration counts, logging, seed, refinement settings of a run without
+    refinement) reuse the compiled steps; a method field (step_size) compiles new ones."""
+    blurry = _blurry_batch(1, size=16)[0]
+
+    def compiled():
+        return mcem._update._cache_size() + mcem._evaluate._cache_size()
+
+    mcem.deblur(blurry, _config(em_iterations=1, warmup_iterations=1), key=jax.random.key(0))
+    before = compiled()
+    hparams = mcem.hparams_from_config(_config(
+        em_iterations=2, warmup_iterations=2, log_every=2, checkpoint_every=9, seed=4,
+        refine_step_size=0.02))
+    mcem.deblur(blurry, hparams, key=jax.random.key(1))  # MCEMHParams work as configs do
+    assert compiled() == before
+    mcem.deblur(blurry, _config(em_iterations=1, warmup_iterations=1, step_size=0.02),
+                key=jax.random.key(0))
+    assert compiled() > before
 
 
 def test_vmap_batch_equals_single_runs():
@@ -429,39 +520,19 @@ def test_refinement_phase_keeps_sampling_uncertainty_and_resumes(tmp_path, capsy
     np.testing.assert_allclose(resumed.kernels, refined.kernels, atol=1e-7)
     np.testing.assert_allclose(resumed.uncertainty, refined.uncertainty, atol=1e-7)
 
-    # train_scripts/mcem.py (same image and compiled steps): checkpoints every 2 iterations
-    # and at the end; re-run with 4 refinement iterations it resumes from iteration 5 and
-    # keeps the sampling phase's uncertainty map, which travels in the checkpoint.
-    with _script_flags_isolated():
-        _run_train_script(config, blurry, tmp_path, capsys)
+    # The checkpointed runner of train_scripts/mcem.py (same image and compiled steps):
+    # checkpoints every 2 iterations and at the end; re-run with 4 refinement iterations it
+    # resumes from iteration 5 and keeps the sampling phase's uncertainty map, which
+    # travels in the checkpoint.
+    _run_checkpointed(config, blurry, tmp_path, capsys)
 
 
-@contextlib.contextmanager
-def _script_flags_isolated(names=("config", "workdir", "shard")):
-    """Lets train_scripts/mcem.py define its absl flags in a process where another train
-    script (imported by another test) already defined flags of the same names."""
-    saved = {n: flags.FLAGS[n] for n in names if n in flags.FLAGS}
-    for n in saved:
-        delattr(flags.FLAGS, n)
-    try:
-        yield
-    finally:
-        for n in names:
-            if n in flags.FLAGS:
-                delattr(flags.FLAGS, n)
-        for n, flag in saved.items():
-            flags.FLAGS[n] = flag
+def _run_checkpointed(config, blurry, tmp_path, capsys):
+    from jaxdeblur.train import mcem as mcem_runs
 
-
-def _run_train_script(config, blurry, tmp_path, capsys):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "mcem_script", os.path.join(_REPO, "train_scripts", "mcem.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     config.checkpoint_every = 2
     batch = np.asarray(blurry)[None]
-    first = script._deblur_group(["a"], batch, config, tmp_path, jax.random.key(2), shard=False)
+    first = mcem_runs.deblur_group(batch, config, tmp_path, jax.random.key(2), shard=False)
     folder = tmp_path / "16x16x1" / "checkpoints"
 
     def steps():
@@ -469,8 +540,7 @@ def _run_train_script(config, blurry, tmp_path, capsys):
 
     assert steps() == [4, 5]
     config.refine_iterations = 4
-    second = script._deblur_group(["a"], batch, config, tmp_path, jax.random.key(2),
-                                  shard=False)
+    second = mcem_runs.deblur_group(batch, config, tmp_path, jax.random.key(2), shard=False)
     assert "resuming from EM iteration 5" in capsys.readouterr().out
     assert steps() == [6, 7]
     np.testing.assert_allclose(second.uncertainty, first.uncertainty, rtol=1e-6)

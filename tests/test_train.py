@@ -106,6 +106,40 @@ def test_metric_writer_truncates_on_resume(tmp_path):
     assert metric_logging.read_metrics(path)[-1]["loss"] == pytest.approx(0.3)
 
 
+def test_resume_restores_state_iterator_and_metric_log(tmp_path):
+    """`loop.resume`: a fresh run starts at 0; a resumed one gets the checkpoint's state and
+    step, moves the iterator to the checkpointed position and drops later metric lines."""
+
+    class Iterator:
+        position = None
+
+        def set_state(self, state):
+            self.position = state
+
+    fresh = {"step": jnp.zeros((), jnp.int32), "w": jnp.zeros(3)}
+    state, start, ckpt, writer = loop.resume(fresh, tmp_path, model_config={"width": 3},
+                                             iterator=Iterator(), async_save=False)
+    assert start == 0 and state is fresh
+    for step in (1, 2, 3):
+        writer.write(step, {"loss": 1.0 / step})
+    ckpt.save(2, {"step": jnp.full((), 2, jnp.int32), "w": jnp.full(3, 2.0)},
+              data_state={"position": 7})
+    ckpt.close()
+    writer.close()
+
+    it = Iterator()
+    state, start, ckpt, writer = loop.resume(fresh, tmp_path, model_config={"width": 3},
+                                             iterator=it, async_save=False)
+    ckpt.close()
+    writer.close()
+    assert start == 2 and it.position == {"position": 7}
+    np.testing.assert_array_equal(state["w"], np.full(3, 2.0))
+    assert [line["step"] for line in metric_logging.read_metrics(tmp_path / "metrics.jsonl")] \
+        == [1, 2]
+    with pytest.raises(checkpoint.CheckpointError, match="another model configuration"):
+        loop.resume(fresh, tmp_path, model_config={"width": 4})
+
+
 def test_metric_writer_records_nan_as_string(tmp_path):
     with metric_logging.MetricWriter(tmp_path / "m.jsonl") as writer:
         line = writer.write(1, {"loss": float("nan")})

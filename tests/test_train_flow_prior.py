@@ -1,32 +1,18 @@
-"""Tests for train_scripts/flow_prior.py: a short run, resume, and its outputs."""
-
-import importlib.util
-import pathlib
+"""Tests for jaxdeblur.train.flow_prior: a short run, resume, and its outputs."""
 
 import jax
 import numpy as np
 import pytest
 
+from jaxdeblur import configs
 from jaxdeblur import flow as flow_lib
 from jaxdeblur.train import checkpoint as checkpoint_lib
+from jaxdeblur.train import flow_prior
 from jaxdeblur.train import logging as logging_lib
-
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-flow_prior = _load("flow_prior_script", _ROOT / "train_scripts" / "flow_prior.py")
-flow_config = _load("flow_prior_config", _ROOT / "train_scripts" / "configs" / "flow_prior.py")
 
 
 def _tiny_config(num_steps):
-    config = flow_config.get_config()
+    config = configs.load("flow_prior")
     config.model.update(kernel_size=7, n_blocks=2, hidden_size=8)
     config.kernels.update(canvas=16, n_steps=100, max_length=12.0)
     config.batch_size = 8
@@ -49,7 +35,7 @@ def _params(workdir, config):
 
 def test_short_run_writes_metrics_samples_and_a_loadable_prior(tmp_path):
     config = _tiny_config(num_steps=3)
-    metrics = flow_prior.train(config, str(tmp_path))
+    metrics = flow_prior.train_and_evaluate(config, str(tmp_path))
     assert np.isfinite(metrics["eval_nll"])
     lines = logging_lib.read_metrics(tmp_path / "metrics.jsonl")
     assert [line["step"] for line in lines if "train_nll" in line] == [1, 2, 3]
@@ -62,9 +48,9 @@ def test_short_run_writes_metrics_samples_and_a_loadable_prior(tmp_path):
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    flow_prior.train(_tiny_config(num_steps=6), str(straight))
-    flow_prior.train(_tiny_config(num_steps=3), str(interrupted))
-    flow_prior.train(_tiny_config(num_steps=6), str(interrupted))
+    flow_prior.train_and_evaluate(_tiny_config(num_steps=6), str(straight))
+    flow_prior.train_and_evaluate(_tiny_config(num_steps=3), str(interrupted))
+    flow_prior.train_and_evaluate(_tiny_config(num_steps=6), str(interrupted))
     def train_lines(workdir):
         lines = logging_lib.read_metrics(workdir / "metrics.jsonl")
         return {line["step"]: line for line in lines if "train_nll" in line}
@@ -80,8 +66,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
 
 
 def test_checkpoint_of_another_flow_config_is_refused(tmp_path):
-    flow_prior.train(_tiny_config(num_steps=3), str(tmp_path))
+    flow_prior.train_and_evaluate(_tiny_config(num_steps=3), str(tmp_path))
     other = _tiny_config(num_steps=6)
     other.model.hidden_size = 16
     with pytest.raises(checkpoint_lib.CheckpointError, match="another model configuration"):
-        flow_prior.train(other, str(tmp_path))
+        flow_prior.train_and_evaluate(other, str(tmp_path))

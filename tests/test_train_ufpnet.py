@@ -4,7 +4,6 @@ The model here is smaller than the tiny default (two levels, width 4, KE-Net 4/8
 each subprocess compiles in seconds; the pretrained 19x19 flow is the real one.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES_DIR
+from jaxdeblur import configs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "train_scripts"
@@ -45,17 +45,8 @@ def _flow_checkpoint() -> str:
                 f"{FIXTURE_FLOW}")
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location("_ufp_" + name.replace("/", "_"),
-                                                  SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(SCRIPTS))
-    spec.loader.exec_module(module)
-    return module
-
-
 def _config(data_dir, **extra):
-    config = _load("configs/ufpnet_tiny").get_config()
+    config = configs.load("ufpnet_tiny")
     for key, value in {**OVERRIDES, "flow_checkpoint": _flow_checkpoint(),
                        "data.data_dir": str(data_dir), **extra}.items():
         node = config
@@ -98,11 +89,9 @@ def test_data_parallel_step_equals_single_device_step():
     code = textwrap.dedent(f"""
         import json, sys
         import jax, jax.numpy as jnp, numpy as np
-        sys.path.insert(0, {str(SCRIPTS)!r})
         sys.path.insert(0, {str(REPO / 'tests')!r})
         import test_train_ufpnet as T
-        import ufpnet as S, kernel_estimator as K
-        from jaxdeblur.train import mesh as M
+        from jaxdeblur.train import kernel_estimator as K, mesh as M, ufpnet as S
         assert jax.device_count() == 8, jax.devices()
         config = T._config("/nonexistent", flow_checkpoint={flow!r})
         model = K.make_model(config)
@@ -191,15 +180,15 @@ def test_resume_after_sigkill_matches_uninterrupted_run(data_dir, tmp_path):
 
 
 def test_checkpoint_from_another_config_is_refused(data_dir, tmp_path):
-    script = _load("ufpnet")
-    from jaxdeblur.train import checkpoint, mesh
+    from data_pipelines.training import ConfigData
+    from jaxdeblur.train import checkpoint, mesh, ufpnet
     config = _config(data_dir, **{"stage2.num_steps": 0, "stage3.num_steps": 1})
     m = mesh.make_mesh(jax.devices()[:1])
-    script.run(config, tmp_path, mesh=m)
+    ufpnet.train_and_evaluate(config, tmp_path, data=ConfigData(config), mesh=m)
     other = _config(data_dir, **{"stage2.num_steps": 0, "stage3.num_steps": 1,
                                  "model.width": 8})
     with pytest.raises(checkpoint.CheckpointError, match="another model configuration"):
-        script.run(other, tmp_path, mesh=m)
+        ufpnet.train_and_evaluate(other, tmp_path, data=ConfigData(other), mesh=m)
 
 
 def test_inputs_not_multiple_of_16_and_grayscale():

@@ -10,6 +10,7 @@ import pytest
 from conftest import load_fixture
 from jaxdeblur import convert
 from jaxdeblur.nets import ufpnet as U
+from jaxdeblur.train import ufpnet as ufpnet_runs
 
 TINY = dict(img_channel=3, width=8, enc_blk_nums=(1, 1, 1, 2), middle_blk_num=1,
             dec_blk_nums=(1, 1, 1, 1), kernel_size=19)
@@ -212,7 +213,7 @@ def test_load_official_pth_with_params_key(tmp_path):
     _, sd, variables = _tiny()
     path = tmp_path / "ufpnet_tiny.pth"
     torch.save({"params": {k: torch.from_numpy(v) for k, v in sd.items()}}, path)
-    model, loaded = convert.load_ufpnet(path, config={**TINY, "train_size": (16, 16)})
+    model, loaded, _ = ufpnet_runs.load_checkpoint(path, train_size=(16, 16), config=TINY)
     assert model.width == 8 and model.enc_blk_nums == (1, 1, 1, 2)
     assert model.train_size == (16, 16)
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables)):

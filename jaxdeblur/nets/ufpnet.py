@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxdeblur.flow import KernelFlow
 from jaxdeblur.nets.nafnet import NAFBlock, conv, gelu, pixel_shuffle, tlc_window
 
 
@@ -300,9 +301,6 @@ class UFPNet(nn.Module):
     ke_widths: tuple[int, int] = (64, 128)
 
     def setup(self):
-        # Imported here so that the backbone can be built and tested without the flow.
-        from jaxdeblur.flow import KernelFlow
-
         if len(self.enc_blk_nums) != len(self.dec_blk_nums):
             raise ValueError(f"enc_blk_nums {self.enc_blk_nums} and dec_blk_nums "
                              f"{self.dec_blk_nums} must have the same length")

@@ -12,6 +12,10 @@ One checkpoint step holds three items:
 Orbax writes each step into a temporary directory and renames it when complete, so a run
 killed mid-save (SIGKILL, pre-emption) leaves the previous step intact; a step that is
 present but unreadable is reported, and ``restore`` falls back to the newest readable one.
+
+For inference, checkpoints are also read without a target: `restore_newest_step` (a
+training run's newest state as saved, `find_variables` to pick the model variables out of
+it) and `read_converted` (a folder of converted weights written by `save_converted`).
 """
 
 from __future__ import annotations
@@ -197,3 +201,115 @@ def _check_shapes(target: Any, restored: Any, where: pathlib.Path) -> None:
             f"checkpoint {where} does not fit this model: {len(diff)} arrays differ, e.g. "
             + ", ".join(f"{k}: checkpoint {got.get(k)} vs model {want.get(k)}" for k in sorted(diff)[:5])
             + ". Use the configuration it was trained with, or a new --workdir.")
+
+
+# --- reading checkpoints without a target (inference) --------------------------------------
+
+#: The file that marks a folder of converted weights (``jaxdeblur convert``): the method,
+#: the model config and the source file.
+CONVERTED_META = "jaxdeblur.json"
+
+
+def save_converted(directory: str | pathlib.Path, variables: Any, meta: dict) -> None:
+    """Writes ``directory/variables`` (orbax) and ``directory/CONVERTED_META`` (``meta``).
+
+    Args:
+      directory: the folder (created).
+      variables: the model variables.
+      meta: JSON-serialisable; ``method`` and ``model_config`` are what `read_converted`
+        needs.
+    """
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save((directory / "variables").resolve(), variables, force=True)
+    checkpointer.wait_until_finished()
+    (directory / CONVERTED_META).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_converted(directory: str | pathlib.Path, *, method: str) -> tuple[dict, Any] | None:
+    """``(model_config, variables)`` of a folder written by `save_converted`.
+
+    Returns:
+      None when ``directory`` holds no ``CONVERTED_META``.
+
+    Raises:
+      CheckpointError: the folder holds weights of another method.
+    """
+    directory = pathlib.Path(directory)
+    meta_file = directory / CONVERTED_META
+    if not meta_file.exists():
+        return None
+    meta = json.loads(meta_file.read_text())
+    if meta.get("method") != method:
+        raise CheckpointError(f"checkpoint {directory} is a {meta.get('method')!r} checkpoint, "
+                              f"not {method!r}; use --method accordingly")
+    variables = ocp.StandardCheckpointer().restore((directory / "variables").resolve())
+    return meta["model_config"], variables
+
+
+class NewestStep(NamedTuple):
+    """What `restore_newest_step` returns."""
+
+    directory: pathlib.Path
+    state: Any
+    model_config: dict
+
+
+def restore_newest_step(workdir: str | pathlib.Path) -> NewestStep:
+    """The newest step of a `CheckpointManager` directory, restored as saved (no target).
+
+    Args:
+      workdir: a run directory or its ``checkpoints/`` folder.
+
+    Returns:
+      ``NewestStep(directory, state, model_config)``; ``model_config`` is the one stored
+      with the step (empty when its metadata is unreadable).
+
+    Raises:
+      CheckpointError: no numbered step, or the newest one cannot be read.
+    """
+    workdir = pathlib.Path(workdir)
+    root = workdir / "checkpoints" if (workdir / "checkpoints").is_dir() else workdir
+    steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()),
+                   reverse=True)
+    if not steps:
+        raise CheckpointError(f"{workdir} is neither a converted checkpoint ({CONVERTED_META} "
+                              "missing) nor a training directory with numbered checkpoint "
+                              "steps")
+    step_dir = root / str(steps[0])
+    try:
+        state = ocp.StandardCheckpointer().restore((step_dir / "state").resolve())
+    except Exception as err:  # noqa: BLE001 - orbax raises many types for bad files
+        raise CheckpointError(f"cannot read checkpoint {step_dir}: {type(err).__name__}: "
+                              f"{err}") from err
+    model_config: dict = {}
+    meta_dir = step_dir / "meta"
+    for candidate in sorted(meta_dir.glob("*")) if meta_dir.is_dir() else []:
+        try:
+            model_config = json.loads(candidate.read_text()).get("model_config") or {}
+            break
+        except (ValueError, OSError, AttributeError):
+            continue
+    return NewestStep(step_dir, state, model_config)
+
+
+def find_variables(tree: Any, required: tuple[str, ...]) -> dict | None:
+    """The ``{"params", "batch_stats"}`` dict anywhere in ``tree`` whose ``params`` hold
+    every name of ``required`` (a train state restored without a target), or None."""
+    if isinstance(tree, dict):
+        params = tree.get("params")
+        if isinstance(params, dict) and all(name in params for name in required):
+            return {k: tree[k] for k in ("params", "batch_stats") if k in tree}
+        for value in tree.values():
+            found = find_variables(value, required)
+            if found is not None:
+                return found
+    return None
+
+
+def describe_tree(tree: Any) -> str:
+    """``{a, b, ...}`` (the first eight keys) or the type name, for error messages."""
+    if isinstance(tree, dict):
+        return "{" + ", ".join(sorted(map(str, tree.keys()))[:8]) + "}"
+    return type(tree).__name__

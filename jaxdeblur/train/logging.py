@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 import tqdm
+from absl import logging as absl_logging
 
 
 def _to_python(value: Any) -> Any:
@@ -98,15 +99,13 @@ def format_metrics(metrics: Mapping[str, Any], digits: int = 4) -> str:
     return " ".join(parts)
 
 
-def quiet_library_logs() -> None:
-    """Shows library log records (orbax, tfds) from WARNING up, unless --verbosity was given.
+def quiet_library_logs(*, keep_info: bool = False) -> None:
+    """Shows library log records (orbax, tfds) from WARNING up, unless ``keep_info``.
 
     absl's default verbosity is INFO, at which orbax prints several lines per checkpoint and
-    tfds one per data set load, burying the scripts' own progress lines. Call it at the top
-    of an ``absl.app`` main; ``--verbosity=0`` (or ``-v 0``) brings the INFO records back.
+    tfds one per data set load, burying the runs' own progress lines. Entry points call it
+    first, with ``keep_info=flags.FLAGS["verbosity"].present`` so that ``--verbosity=0``
+    (or ``-v 0``) brings the INFO records back; the library reads no flags itself.
     """
-    from absl import flags
-    from absl import logging as absl_logging
-    if "verbosity" in flags.FLAGS and flags.FLAGS["verbosity"].present:
-        return
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    if not keep_info:
+        absl_logging.set_verbosity(absl_logging.WARNING)

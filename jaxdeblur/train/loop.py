@@ -1,8 +1,9 @@
-"""The step loop shared by every jaxdeblur training script.
+"""The step loop shared by every jaxdeblur training run, and the resume before it.
 
-`train_loop` runs a jitted step from a resumed step to the last one and does the
-bookkeeping around it: metric lines, evaluations, checkpoints (with the input pipeline's
-iterator state) and a clean stop on Ctrl-C or SIGTERM.
+`resume` opens a run directory's checkpoints and metric log and restores the newest step
+(with the input iterator's position). `train_loop` runs a jitted step from there to the
+last one and does the bookkeeping around it: metric lines, evaluations, checkpoints (with
+the input pipeline's iterator state) and a clean stop on Ctrl-C or SIGTERM.
 
 The steps donate their input state, so an exception raised while one runs could leave no
 valid state to save. Signals therefore only set a flag; the loop stops between two steps,
@@ -13,11 +14,12 @@ so that a pre-empted run still ends as its supervisor asked, with its checkpoint
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from jaxdeblur.train import checkpoint as checkpoint_lib
 from jaxdeblur.train import logging as logging_lib
@@ -25,6 +27,58 @@ from jaxdeblur.train import logging as logging_lib
 State = TypeVar("State")
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Resumed(NamedTuple):
+    """Where a run starts (`resume`): its state, step, checkpoints and metric log."""
+
+    state: Any
+    start: int
+    checkpoints: checkpoint_lib.CheckpointManager
+    writer: logging_lib.MetricWriter
+
+
+def resume(state: State, workdir: str | os.PathLike, *, model_config: Any,
+           metrics_path: str | os.PathLike | None = None, iterator: Any = None,
+           max_to_keep: int = 3, async_save: bool = True) -> Resumed:
+    """Opens ``workdir``'s checkpoints and metric log, resuming from the newest step.
+
+    On a fresh run ``state`` is kept and the run starts at step 0 with an empty metric log.
+    Otherwise the newest readable checkpoint replaces ``state`` (restored into its
+    structure), ``iterator`` (anything with ``set_state``, e.g. a grain iterator) is moved
+    to where the checkpointed run was, and metric lines after that step (logged by the
+    interrupted run past its last checkpoint) are dropped: they will be logged again.
+
+    Args:
+      state: the freshly initialised state (its shapes, dtypes and shardings are the
+        restore target).
+      workdir: the run directory; checkpoints go to ``workdir/checkpoints``.
+      model_config: the configuration that decides the state's shapes (stored with every
+        checkpoint; a checkpoint of another one is refused).
+      metrics_path: the JSON-lines metric log; default ``workdir/metrics.jsonl``.
+      iterator: the input iterator whose position is checkpointed, or None.
+      max_to_keep: checkpoints kept on disk.
+      async_save: write checkpoints in the background.
+
+    Returns:
+      ``Resumed(state, start, checkpoints, writer)``; `train_loop` closes the last two.
+
+    Raises:
+      checkpoint.CheckpointError: a checkpoint of another configuration, or none readable.
+    """
+    checkpoints = checkpoint_lib.CheckpointManager(
+        workdir, model_config=model_config, max_to_keep=max_to_keep, async_save=async_save)
+    restored = checkpoints.restore(state)
+    start = 0
+    if restored is not None:
+        state, start = restored.state, restored.step
+        if iterator is not None and restored.data_state is not None:
+            iterator.set_state(restored.data_state)
+    if metrics_path is None:
+        metrics_path = os.path.join(workdir, "metrics.jsonl")
+    writer = logging_lib.MetricWriter(metrics_path,
+                                      resume_step=None if restored is None else start)
+    return Resumed(state, start, checkpoints, writer)
 
 
 def train_loop(

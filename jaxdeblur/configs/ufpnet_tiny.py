@@ -2,7 +2,7 @@
 
 Command (a fresh machine; builds the embedded ``synthetic_blur`` data set on first use)::
 
-  python train_scripts/ufpnet.py            # = --config train_scripts/configs/ufpnet_tiny.py
+  python train_scripts/ufpnet.py            # = --config jaxdeblur/configs/ufpnet_tiny.py
 
 Runs in a few minutes on a 2-core CPU: the pretrained flow from the package, a short
 stage II (KE-Net trained by re-blurring the sharp tiles), a short stage III (a width-8

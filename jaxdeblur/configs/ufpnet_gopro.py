@@ -2,7 +2,7 @@
 
 Command (GoPro prepared with ``python -m data_pipelines.build gopro --manual_dir ...``)::
 
-  python train_scripts/ufpnet.py --config train_scripts/configs/ufpnet_gopro.py \
+  python train_scripts/ufpnet.py --config jaxdeblur/configs/ufpnet_gopro.py \
       --workdir runs/ufpnet_gopro --tpu
 
 Expected result (paper): GoPro test 34.06 dB / 0.968 SSIM after 400k-800k iterations at

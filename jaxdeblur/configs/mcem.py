@@ -3,7 +3,7 @@
 Command (no image arguments: a synthetic 256x256 example from skimage's camera photo
 blurred by a smoothly varying `kernels.kernel_field`; prints PSNR before and after):
 
-    python train_scripts/mcem.py --config train_scripts/configs/mcem.py --workdir runs/mcem
+    python train_scripts/mcem.py --config jaxdeblur/configs/mcem.py --workdir runs/mcem
 
 Result it reaches (measured, 2-core CPU, moment_decay 0.9): PSNR 26.44 -> 27.25 dB in
 59.7 min (5.3 s per EM iteration; `python benchmarks/mcem.py --steps 5` alone: 4.49 s); the
@@ -18,7 +18,9 @@ refinement phase after the 1500 EM iterations (refine_iterations = 1200, below) 
 128² recovery to 25.42 dB (+5.05 dB) with kernel cosine 0.984.
 
 Every number of the method lives here; (paper) = Li et al. CVPR 2023, (measured) = chosen by
-the measurement quoted beside it, (ours) = a default not tuned for lack of CPU time.
+the measurement quoted beside it, (ours) = a default not tuned for lack of CPU time. The
+library has no defaults of its own: `jaxdeblur.mcem.hparams_from_config` requires every
+field below and rejects any other, naming it.
 """
 
 import ml_collections
@@ -125,7 +127,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Outer loop.
     c.em_iterations = 600
     c.warmup_iterations = 150
-    # (ours) Cold refinement phase after the EM iterations (jaxdeblur.mcem.refine_model):
+    # (ours) Cold refinement phase after the EM iterations (jaxdeblur.mcem.refine_method):
     # refine_iterations more iterations whose E-step runs at refine_temperature (0: RMSprop
     # on the image network, no noise) with refine_step_size, the M-step still fitting the
     # kernel; the uncertainty map stays the sampling phase's. Off by default (the paper's

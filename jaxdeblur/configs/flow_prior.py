@@ -2,7 +2,7 @@
 
 Command (the run that produced the shipped prior ``jaxdeblur/assets/flow_prior.*``)::
 
-  python train_scripts/flow_prior.py --config train_scripts/configs/flow_prior.py \
+  python train_scripts/flow_prior.py --config jaxdeblur/configs/flow_prior.py \
       --workdir runs/flow_prior --config.num_steps=25000
 
 Result: 25,000 steps (epoch 50, 2.5 M fresh kernels; lr halved once, at step 20,000) in
