@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
-from jaxdeblur import blur
+from jaxdeblur import blur, configs, deconv
 
 __all__ = [
     "KernelEstimation",
@@ -113,13 +113,7 @@ class KernelEstimation:
 
 def settings_from_config(config: Any) -> KernelEstimation:
     """`KernelEstimation` from a config section; a missing or unknown field is an error."""
-    fields = {f.name for f in dataclasses.fields(KernelEstimation)}
-    given = set(config.keys())
-    if given - fields:
-        raise ValueError(f"unknown kernel-estimation field(s): {sorted(given - fields)}")
-    if fields - given:
-        raise ValueError(f"missing kernel-estimation field(s): {sorted(fields - given)}")
-    return KernelEstimation(**{name: config[name] for name in fields})
+    return configs.as_dataclass(config, KernelEstimation, "estimation")
 
 
 def _odd(value: float) -> int:
@@ -159,12 +153,11 @@ def periodic_extension(image: jax.Array, pad_hw: tuple[int, int]) -> jax.Array:
     """Extends ``(H, W)`` to ``(H + ph, W + pw)`` so that the canvas is smoothly periodic.
 
     The added band interpolates between the last and the first row (column) with a
-    raised-cosine ramp and is then smoothed toward its own mean gradient, so the circular
-    Fourier solvers see no step at the image border (Liu & Jia 2008 solve a Laplace
-    equation there; the ramp gives the same continuity of value at the seams).
+    raised-cosine ramp, so the circular Fourier solvers see no step at the image border
+    (Liu & Jia 2008 solve a Laplace equation there; the ramp gives the same continuity of
+    value at the seams).
     """
     ph, pw = pad_hw
-    h, w = image.shape
     if ph:
         t = (jnp.arange(1, ph + 1, dtype=image.dtype) / (ph + 1))
         t = 0.5 - 0.5 * jnp.cos(jnp.pi * t)
@@ -175,32 +168,13 @@ def periodic_extension(image: jax.Array, pad_hw: tuple[int, int]) -> jax.Array:
         t = 0.5 - 0.5 * jnp.cos(jnp.pi * t)
         band = (1 - t)[None, :] * image[:, -1:] + t[None, :] * image[:, :1]
         image = jnp.concatenate([image, band], axis=1)
-    del h, w
     return image
 
 
-def _centred_otf(kernel: jax.Array, canvas: tuple[int, int]) -> jax.Array:
-    """rfft2 of ``kernel`` placed on ``canvas`` with its centre tap at the origin."""
-    kh, kw = kernel.shape
-    padded = jnp.zeros(canvas, kernel.dtype).at[:kh, :kw].set(kernel)
-    padded = jnp.roll(padded, (-(kh // 2), -(kw // 2)), axis=(0, 1))
-    return jnp.fft.rfft2(padded)
-
-
-def _gradient_otfs(canvas: tuple[int, int]):
-    """OTFs of the circular forward differences ``x[i+1] − x[i]`` along rows and columns."""
-    dx = jnp.zeros(canvas, jnp.float32).at[0, 0].set(-1).at[0, 1].set(1)
-    dy = jnp.zeros(canvas, jnp.float32).at[0, 0].set(-1).at[1, 0].set(1)
-    # correlate(x, d) = IFFT(X · conj(D)); D is the fft of the filter with tap 0 at origin.
-    return jnp.conj(jnp.fft.rfft2(dx)), jnp.conj(jnp.fft.rfft2(dy))
-
-
-def _grad(x):
-    return jnp.roll(x, -1, axis=1) - x, jnp.roll(x, -1, axis=0) - x
-
-
-def _grad_adjoint(gx, gy):
-    return (jnp.roll(gx, 1, axis=1) - gx) + (jnp.roll(gy, 1, axis=0) - gy)
+def _kernel_otf(kernel: jax.Array, canvas: tuple[int, int]) -> jax.Array:
+    """rfft2 of ``kernel`` with its centre tap at the canvas origin (`deconv.kernel_spectrum`
+    without the channel axis): a correlation is ``conj(K)·X``, its adjoint ``K·Y``."""
+    return deconv.kernel_spectrum(kernel, canvas)[..., 0]
 
 
 def l0_latent(canvas: jax.Array, kernel: jax.Array, *, lam: jax.Array, beta_max: float,
@@ -223,18 +197,17 @@ def l0_latent(canvas: jax.Array, kernel: jax.Array, *, lam: jax.Array, beta_max:
       ``(Hc, Wc)`` latent image.
     """
     shape = canvas.shape
-    otf = _centred_otf(kernel, shape)
-    fdx, fdy = _gradient_otfs(shape)
-    grad_energy = jnp.abs(fdx) ** 2 + jnp.abs(fdy) ** 2
+    otf = _kernel_otf(kernel, shape)
+    grad_energy = deconv.gradient_spectrum(shape, canvas.dtype)[..., 0]
     data = jnp.fft.rfft2(canvas) * otf           # Kᵀ y (adjoint of a correlation)
     kernel_energy = jnp.abs(otf) ** 2
     x = canvas
     beta = 2 * lam
     for _ in range(num_beta):
-        gx, gy = _grad(x)
+        gx, gy = deconv.circular_gradients(x)
         keep = (gx ** 2 + gy ** 2) >= lam / beta
         gx, gy = gx * keep, gy * keep
-        numerator = data + beta * jnp.fft.rfft2(_grad_adjoint(gx, gy))
+        numerator = data + beta * jnp.fft.rfft2(deconv.circular_gradients_adjoint(gx, gy))
         x = jnp.fft.irfft2(numerator / (kernel_energy + beta * grad_energy), s=shape)
         beta = jnp.minimum(beta * 2, beta_max)
     return x
@@ -247,7 +220,7 @@ def select_gradients(latent: jax.Array, size: int, *, fraction: jax.Array):
     rule of Cho & Lee 2009 (r = 2 there): enough edges in every direction to constrain a
     kernel of that size, few enough that texture and noise stay out of the fit.
     """
-    gx, gy = _grad(latent)
+    gx, gy = deconv.circular_gradients(latent)
     magnitude = jnp.sqrt(gx ** 2 + gy ** 2)
     n = magnitude.size
     count = jnp.clip(fraction * size * jnp.sqrt(jnp.float32(n)), 1, n - 1).astype(jnp.int32)
@@ -268,7 +241,7 @@ def fit_kernel(gradients, canvas: jax.Array, size: int, *, reg: float,
     """
     shape = canvas.shape
     xs = [jnp.fft.rfft2(g) for g in gradients]
-    ys = [jnp.fft.rfft2(g) for g in _grad(canvas)]
+    ys = [jnp.fft.rfft2(g) for g in deconv.circular_gradients(canvas)]
     gram = sum(jnp.abs(f) ** 2 for f in xs)
     r = size // 2
 
@@ -277,7 +250,7 @@ def fit_kernel(gradients, canvas: jax.Array, size: int, *, reg: float,
         return jnp.roll(full, (r, r), axis=(0, 1))[:size, :size]
 
     def normal(k):
-        return crop(gram * _centred_otf(k, shape)) + reg * k
+        return crop(gram * _kernel_otf(k, shape)) + reg * k
 
     rhs = crop(sum(a * jnp.conj(b) for a, b in zip(xs, ys)))
     kernel, _ = jax.scipy.sparse.linalg.cg(normal, rhs, x0=init, maxiter=iterations)

@@ -160,12 +160,12 @@ def shrink(v: jax.Array, *, beta, alpha: float, newton_iterations: int) -> jax.A
 # --------------------------------------------------------------------------------------
 
 
-def _circular_gradients(x):
-    """Forward differences with periodic wrap along rows and columns of (N1, N2, C)."""
+def circular_gradients(x):
+    """Forward differences with periodic wrap along rows and columns of (N1, N2[, C])."""
     return jnp.roll(x, -1, axis=1) - x, jnp.roll(x, -1, axis=0) - x
 
 
-def _circular_gradients_adjoint(gh, gv):
+def circular_gradients_adjoint(gh, gv):
     return (jnp.roll(gh, 1, axis=1) - gh) + (jnp.roll(gv, 1, axis=0) - gv)
 
 
@@ -256,7 +256,7 @@ def _spectral_dot(canvas):
     return dot
 
 
-def _gradient_spectrum(canvas, dtype):
+def gradient_spectrum(canvas, dtype):
     """|D_h|² + |D_v|² of periodic forward differences on the rfft2 grid of `canvas`."""
     n1, n2 = canvas
     f1 = np.fft.fftfreq(n1)[:, None]
@@ -265,7 +265,7 @@ def _gradient_spectrum(canvas, dtype):
     return jnp.asarray(spectrum[..., None], dtype)
 
 
-def _kernel_spectrum(kernel, canvas):
+def kernel_spectrum(kernel, canvas):
     """rfft2 of the kernel with its centre tap at the canvas origin: (N1, N2//2+1, 1).
 
     With this placement the cross-correlation `y[p] = Σ_d k[r + d] x[p + d]` is
@@ -348,9 +348,9 @@ def _uniform(blurry, kernel, weight, *, alpha, betas, inner_iterations, cg_itera
     dtype = jnp.result_type(blurry, kernel, jnp.float32)
     blurry, kernel = blurry.astype(dtype), kernel.astype(dtype)
     canvas = canvas_shape((h, w), kernel.shape, margin)
-    spectrum = _kernel_spectrum(kernel, canvas)
+    spectrum = kernel_spectrum(kernel, canvas)
     spectrum_sq = jnp.square(jnp.abs(spectrum)).astype(dtype)
-    gradient_sq = _gradient_spectrum(canvas, dtype)
+    gradient_sq = gradient_spectrum(canvas, dtype)
     mask = jnp.zeros(canvas + (1,), dtype).at[:h, :w].set(1.0)
 
     rfft2 = functools.partial(jnp.fft.rfft2, axes=(0, 1))
@@ -371,10 +371,10 @@ def _uniform(blurry, kernel, weight, *, alpha, betas, inner_iterations, cg_itera
                     + penalty * gradient_sq * v)
 
         def inner(_, x):
-            gh, gv = _circular_gradients(x)
+            gh, gv = circular_gradients(x)
             wh = _shrink(gh, beta, alpha, newton_iterations)
             wv = _shrink(gv, beta, alpha, newton_iterations)
-            rhs = data_rhs + penalty * rfft2(_circular_gradients_adjoint(wh, wv))
+            rhs = data_rhs + penalty * rfft2(circular_gradients_adjoint(wh, wv))
             solution = _pcg(apply_a, lambda r: r * inverse_preconditioner, rhs, rfft2(x),
                             cg_iterations, dot)
             return irfft2(solution)
@@ -578,8 +578,8 @@ def _filter_flow(blurry, kernels, weight, *, geometry, order, alpha, betas,
     # Preconditioner: the circulant system of the mean kernel on a canvas around the
     # extended latent (cropping an SPD operator keeps it SPD, as PCG needs).
     canvas = (blur.next_fast_len(ext_hw[0] + kh - 1), blur.next_fast_len(ext_hw[1] + kw - 1))
-    spectrum_sq = jnp.square(jnp.abs(_kernel_spectrum(jnp.mean(kernels, axis=0), canvas)))
-    gradient_sq = _gradient_spectrum(canvas, dtype)
+    spectrum_sq = jnp.square(jnp.abs(kernel_spectrum(jnp.mean(kernels, axis=0), canvas)))
+    gradient_sq = gradient_spectrum(canvas, dtype)
     data_rhs = adjoint(blurry)
 
     def outer(x, beta):

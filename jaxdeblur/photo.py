@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdeblur import blind, deconv, mcem
+from jaxdeblur import blind, configs, deconv, mcem
 
 __all__ = ["Restoration", "PhotoSettings", "settings_from_config", "luminance",
            "kernel_size_for", "PhotoResult", "deblur_uniform", "restore"]
@@ -79,25 +80,13 @@ class PhotoSettings:
             raise ValueError(f"working_size must be at least 32, got {self.working_size}")
 
 
-def _exact(config: Any, cls, name: str, **replace):
-    fields = {f.name for f in dataclasses.fields(cls)}
-    given = set(config.keys()) | set(replace)
-    if given - fields:
-        raise ValueError(f"unknown field(s) in config.{name}: {sorted(given - fields)}")
-    if fields - given:
-        raise ValueError(f"missing field(s) in config.{name}: {sorted(fields - given)}")
-    values = {key: config[key] for key in config.keys()}
-    values.update(replace)
-    return cls(**values)
-
-
 def settings_from_config(config: Any) -> PhotoSettings:
     """Frozen `PhotoSettings` from the photo config; a missing or unknown field is an error
     that names it."""
-    estimation = config["estimation"]
-    return _exact(config, PhotoSettings, "photo",
-                  estimation=_exact(estimation, blind.KernelEstimation, "estimation"),
-                  restoration=_exact(config["restoration"], Restoration, "restoration"))
+    return configs.as_dataclass(
+        config, PhotoSettings, "photo",
+        estimation=blind.settings_from_config(config["estimation"]),
+        restoration=configs.as_dataclass(config["restoration"], Restoration, "restoration"))
 
 
 def luminance(image: np.ndarray) -> np.ndarray:
@@ -135,6 +124,11 @@ def kernel_size_for(crop_hw: tuple[int, int], settings: PhotoSettings) -> int:
     return size
 
 
+# Progress accounting (not a method setting): the restoration's cost in pixel-iterations of
+# the kernel estimate, per pixel of the photo (about 30 FFT solves against a level's ~10).
+_RESTORATION_WORK = 3
+
+
 class PhotoResult(NamedTuple):
     restored: np.ndarray        # (H, W, C) float32 in [0, 1]
     kernel: np.ndarray          # (k, k), sum 1, cross-correlation convention
@@ -166,14 +160,15 @@ def restore(blurry: np.ndarray, kernel: np.ndarray, settings: PhotoSettings,
 
 
 def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
-                   progress: Optional[Callable[[str], None]] = None,
+                   progress: Optional[Callable[[str, float], None]] = None,
                    mcem_config: Any = None) -> PhotoResult:
     """Blind deblurring of a photo blurred by one (uniform) kernel.
 
     Args:
       image: ``(H, W, C)`` float in [0, 1], C = 1 or 3.
       settings: `PhotoSettings`.
-      progress: called with a short line before each stage and pyramid level.
+      progress: called as ``progress(line, fraction_done)`` before each pyramid level and
+        before the restoration; the fraction counts work in pixels (`_work`).
       mcem_config: the MCEM config, needed only by ``restorer = "dip"``.
 
     Returns:
@@ -190,16 +185,21 @@ def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
     size = kernel_size_for(patch.shape, settings)
     estimation = dataclasses.replace(settings.estimation, max_kernel_size=size)
 
+    levels = blind.pyramid(patch.shape, estimation)
+    level_work = [lv.shape[0] * lv.shape[1] * estimation.iterations for lv in levels]
+    total = sum(level_work) + _RESTORATION_WORK * image.shape[0] * image.shape[1]
+
     def level_progress(index, count, level):
         if progress is not None:
             progress(f"kernel level {index + 1}/{count}: {level.shape[0]}x{level.shape[1]} "
-                     f"px, kernel {level.kernel_size}x{level.kernel_size}")
+                     f"px, kernel {level.kernel_size}x{level.kernel_size}",
+                     sum(level_work[:index]) / total)
 
     estimate = blind.estimate_kernel(patch, estimation, progress=level_progress)
     if progress is not None:
         progress(f"restoring {image.shape[0]}x{image.shape[1]}x{image.shape[2]} with a "
                  f"{estimate.kernel.shape[0]}x{estimate.kernel.shape[0]} kernel "
-                 f"({settings.restorer})")
+                 f"({settings.restorer})", sum(level_work) / total)
     restored, uncertainty = restore(image, estimate.kernel, settings,
                                     mcem_config=mcem_config)
     return PhotoResult(restored, estimate.kernel, crop, size, uncertainty)
@@ -219,41 +219,17 @@ class PhotoDeblurrer:
 
     def deblur(self, image: np.ndarray, *, key=None) -> dict:
         del key  # the estimate is deterministic
-        import time
         start = time.perf_counter()
-        height, width = image.shape[:2]
-        crop = min(height, self.settings.working_size) * min(width, self.settings.working_size)
-        budget = {"done": 0.0}
-        # Work in pixel-iterations: each pyramid level costs its pixels times the
-        # alternations; the restoration about 30 FFT solves of the whole photo.
-        total = {"value": None}
 
-        def report(line: str, work: float = 0.0):
+        def report(line: str, fraction: float):
             if self.progress is None:
                 return
             elapsed = time.perf_counter() - start
-            eta = ""
-            if total["value"] and budget["done"] > 0:
-                left = elapsed * (total["value"] - budget["done"]) / budget["done"]
-                eta = f", about {left:.0f} s left"
+            eta = (f", about {elapsed * (1 - fraction) / fraction:.0f} s left"
+                   if fraction > 0 else "")
             self.progress(f"{line} ({elapsed:.1f} s elapsed{eta})")
-            budget["done"] += work
 
-        def on_line(line: str):
-            if line.startswith("kernel level"):
-                index, count = map(int, line.split()[2].rstrip(":").split("/"))
-                shape = line.split()[3]
-                h, w = map(int, shape.split("x"))
-                if total["value"] is None:
-                    levels = sum(crop * (self.settings.estimation.scale ** (2 * s))
-                                 for s in range(count))
-                    total["value"] = (levels * self.settings.estimation.iterations
-                                      + 30 * height * width / 10)
-                report(line, h * w * self.settings.estimation.iterations)
-            else:
-                report(line)
-
-        result = deblur_uniform(image, self.settings, progress=on_line,
+        result = deblur_uniform(image, self.settings, progress=report,
                                 mcem_config=self.mcem_config)
         k = result.kernel.shape[0]
         rows, cols = result.crop

@@ -13,6 +13,7 @@ default CPU run of stages II/III) and ``ufpnet_gopro`` (the official configurati
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -84,6 +85,20 @@ def apply_overrides(config: ml_collections.ConfigDict,
         except (TypeError, ValueError) as err:
             raise ValueError(f"override {key}={value!r}: {err}") from err
     return config
+
+
+def as_dataclass(section, cls, name: str, **replace):
+    """``cls(**section)`` for a frozen settings dataclass, with ``replace`` fields given
+    directly; a missing or unknown field is a ValueError naming it and ``config.<name>``."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    given = set(section.keys()) | set(replace)
+    if given - fields:
+        raise ValueError(f"unknown field(s) in config.{name}: {sorted(given - fields)}")
+    if fields - given:
+        raise ValueError(f"missing field(s) in config.{name}: {sorted(fields - given)}")
+    values = {key: section[key] for key in section.keys()}
+    values.update(replace)
+    return cls(**values)
 
 
 def load(name_or_path: str | pathlib.Path,
