@@ -113,7 +113,8 @@ class KernelEstimation:
 
 def settings_from_config(config: Any) -> KernelEstimation:
     """`KernelEstimation` from a config section; a missing or unknown field is an error."""
-    return configs.as_dataclass(config, KernelEstimation, "estimation")
+    return configs.as_dataclass(KernelEstimation, config, "estimation.",
+                                source="jaxdeblur/configs/photo.py")
 
 
 def _odd(value: float) -> int:

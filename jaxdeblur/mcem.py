@@ -53,15 +53,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import typing
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdeblur import blur
+from jaxdeblur import blur, configs
 from jaxdeblur.nets import unet
 
 __all__ = [
@@ -197,47 +196,6 @@ class MCEMHParams:
     run: RunHParams
 
 
-def _plain(value: Any) -> Any:
-    """ConfigDicts and mappings as dicts, lists (JSON) as tuples, recursively."""
-    if hasattr(value, "to_dict"):
-        value = value.to_dict()
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return tuple(_plain(v) for v in value)
-    return value
-
-
-def _section(cls: type, values: dict, prefix: str) -> Any:
-    """``cls(**values)`` for a frozen hyperparameter dataclass, naming bad fields by path."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ValueError(f"unknown MCEM config field(s) {', '.join(prefix + u for u in unknown)}"
-                         f"; the fields there are {', '.join(names)}")
-    missing = [name for name in names if name not in values]
-    if missing:
-        raise ValueError(f"MCEM config field(s) {', '.join(prefix + m for m in missing)} "
-                         "missing; jaxdeblur/configs/mcem.py has every field with its value")
-    kwargs = {}
-    for name in names:
-        value = values[name]
-        if dataclasses.is_dataclass(hints[name]):
-            if not isinstance(value, Mapping):
-                raise ValueError(f"config field {prefix + name} must be a section of fields, "
-                                 f"got {value!r}")
-            value = _section(hints[name], value, f"{prefix}{name}.")
-        else:
-            try:
-                hash(value)
-            except TypeError:
-                raise ValueError(f"config field {prefix + name} must be a number, string or "
-                                 f"tuple, got {value!r}") from None
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
 def hparams_from_config(config: Any) -> MCEMHParams:
     """The hyperparameters of an MCEM config, read and checked once when a run starts.
 
@@ -259,7 +217,7 @@ def hparams_from_config(config: Any) -> MCEMHParams:
     """
     if isinstance(config, MCEMHParams):
         return config
-    values = _plain(config)
+    values = configs.plain(config)
     if not isinstance(values, dict):
         raise ValueError(f"an MCEM config is a ConfigDict or mapping, got {type(config)}")
     parts = {}
@@ -270,8 +228,10 @@ def hparams_from_config(config: Any) -> MCEMHParams:
     if unknown:
         raise ValueError(f"unknown MCEM config field(s) {', '.join(unknown)}; "
                          "jaxdeblur/configs/mcem.py lists the fields")
-    return MCEMHParams(method=_section(MethodHParams, parts[MethodHParams], ""),
-                       run=_section(RunHParams, parts[RunHParams], ""))
+    source = "jaxdeblur/configs/mcem.py"
+    return MCEMHParams(method=configs.as_dataclass(MethodHParams, parts[MethodHParams],
+                                                   source=source),
+                       run=configs.as_dataclass(RunHParams, parts[RunHParams], source=source))
 
 
 def _method(config: Any) -> MethodHParams:

@@ -83,10 +83,7 @@ class PhotoSettings:
 def settings_from_config(config: Any) -> PhotoSettings:
     """Frozen `PhotoSettings` from the photo config; a missing or unknown field is an error
     that names it."""
-    return configs.as_dataclass(
-        config, PhotoSettings, "photo",
-        estimation=blind.settings_from_config(config["estimation"]),
-        restoration=configs.as_dataclass(config["restoration"], Restoration, "restoration"))
+    return configs.as_dataclass(PhotoSettings, config, source="jaxdeblur/configs/photo.py")
 
 
 def luminance(image: np.ndarray) -> np.ndarray:

@@ -18,7 +18,8 @@ import importlib
 import importlib.util
 import json
 import pathlib
-from typing import Iterable
+import typing
+from typing import Iterable, Mapping
 
 import ml_collections
 
@@ -87,18 +88,58 @@ def apply_overrides(config: ml_collections.ConfigDict,
     return config
 
 
-def as_dataclass(section, cls, name: str, **replace):
-    """``cls(**section)`` for a frozen settings dataclass, with ``replace`` fields given
-    directly; a missing or unknown field is a ValueError naming it and ``config.<name>``."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    given = set(section.keys()) | set(replace)
-    if given - fields:
-        raise ValueError(f"unknown field(s) in config.{name}: {sorted(given - fields)}")
-    if fields - given:
-        raise ValueError(f"missing field(s) in config.{name}: {sorted(fields - given)}")
-    values = {key: section[key] for key in section.keys()}
-    values.update(replace)
-    return cls(**values)
+def plain(value):
+    """ConfigDicts and mappings as dicts, lists (JSON) as tuples, recursively."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return tuple(plain(v) for v in value)
+    return value
+
+
+def as_dataclass(cls: type, values, prefix: str = "", *, source: str = "the shipped config"):
+    """``cls(**values)`` for a frozen settings dataclass, nested sections recursively.
+
+    The config is read once, when a run starts: a field the dataclass lacks (misspelt) or
+    a field the config lacks is a ValueError naming its dotted path, so nothing runs on a
+    default the shipped config does not share; every value must be hashable (the settings
+    are static arguments of jitted code).
+
+    Args:
+      cls: the dataclass; fields typed with another dataclass are sections.
+      values: a ConfigDict or mapping (`plain` is applied).
+      prefix: dotted path of ``values`` in the config, for messages.
+      source: where the complete field list lives, for the missing-field message.
+    """
+    values = plain(values)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"unknown config field(s) {', '.join(prefix + u for u in unknown)}"
+                         f"; the fields there are {', '.join(names)}")
+    missing = [name for name in names if name not in values]
+    if missing:
+        raise ValueError(f"config field(s) {', '.join(prefix + m for m in missing)} "
+                         f"missing; {source} has every field with its value")
+    kwargs = {}
+    for name in names:
+        value = values[name]
+        if dataclasses.is_dataclass(hints[name]):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"config field {prefix + name} must be a section of fields, "
+                                 f"got {value!r}")
+            value = as_dataclass(hints[name], value, f"{prefix}{name}.", source=source)
+        else:
+            try:
+                hash(value)
+            except TypeError:
+                raise ValueError(f"config field {prefix + name} must be a number, string or "
+                                 f"tuple, got {value!r}") from None
+        kwargs[name] = value
+    return cls(**kwargs)
 
 
 def load(name_or_path: str | pathlib.Path,
