@@ -192,7 +192,7 @@ def l0_latent(canvas: jax.Array, kernel: jax.Array, *, lam: jax.Array, beta_max:
       kernel: ``(k, k)`` kernel, cross-correlation convention.
       lam: λ (a traced scalar).
       beta_max: upper bound of β.
-      num_beta: number of β steps (static).
+      num_beta: number of β steps (a traced integer).
 
     Returns:
       ``(Hc, Wc)`` latent image.
@@ -202,15 +202,18 @@ def l0_latent(canvas: jax.Array, kernel: jax.Array, *, lam: jax.Array, beta_max:
     grad_energy = deconv.gradient_spectrum(shape, canvas.dtype)[..., 0]
     data = jnp.fft.rfft2(canvas) * otf           # Kᵀ y (adjoint of a correlation)
     kernel_energy = jnp.abs(otf) ** 2
-    x = canvas
-    beta = 2 * lam
-    for _ in range(num_beta):
+    def step(_, carry):
+        x, beta = carry
         gx, gy = deconv.circular_gradients(x)
         keep = (gx ** 2 + gy ** 2) >= lam / beta
         gx, gy = gx * keep, gy * keep
         numerator = data + beta * jnp.fft.rfft2(deconv.circular_gradients_adjoint(gx, gy))
         x = jnp.fft.irfft2(numerator / (kernel_energy + beta * grad_energy), s=shape)
-        beta = jnp.minimum(beta * 2, beta_max)
+        return x, jnp.minimum(beta * 2, beta_max)
+
+    # A traced step count: λ shrinks over the alternations and moves num_beta by one now
+    # and then, which as a static count compiled every level twice.
+    x, _ = jax.lax.fori_loop(0, num_beta, step, (canvas, 2 * lam))
     return x
 
 
@@ -316,8 +319,7 @@ def crop_kernel_by_energy(kernel: np.ndarray, energy: float, margin: int = 1) ->
     return (out / out.sum()).astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("num_beta", "beta_max", "reg", "pad",
-                                             "cg_iterations"))
+@functools.partial(jax.jit, static_argnames=("beta_max", "reg", "pad", "cg_iterations"))
 def _alternation(blurry, kernel, lam, fraction, *, num_beta, beta_max, reg, pad,
                  cg_iterations):
     canvas = periodic_extension(blurry, pad)
@@ -388,7 +390,8 @@ def estimate_kernel(blurry: np.ndarray, settings: KernelEstimation, *,
         for _ in range(settings.iterations):
             raw, latent = _alternation(
                 jnp.asarray(y), jnp.asarray(kernel), jnp.float32(lam), jnp.float32(fraction),
-                num_beta=_num_beta(lam, settings.beta_max), beta_max=settings.beta_max,
+                num_beta=jnp.int32(_num_beta(lam, settings.beta_max)),
+                beta_max=settings.beta_max,
                 reg=settings.kernel_reg, pad=pad,
                 cg_iterations=settings.kernel_cg_iterations)
             kernel = clean_kernel(np.asarray(raw), threshold=settings.threshold,
