@@ -46,12 +46,16 @@ __all__ = [
     "settings_from_config",
     "pyramid",
     "periodic_extension",
+    "dark_pixels",
     "l0_latent",
     "select_gradients",
     "fit_kernel",
     "clean_kernel",
     "resize_kernel",
     "crop_kernel_by_energy",
+    "EstimationState",
+    "state_to_arrays",
+    "state_from_arrays",
     "estimate_kernel",
     "informative_crop",
 ]
@@ -78,6 +82,11 @@ class KernelEstimation:
       threshold: taps below threshold·max are set to zero after each kernel fit.
       min_component: connected kernel pieces holding less than this mass are removed.
       energy: fraction of the kernel's mass kept when cropping its support.
+      dark_weight: L0 weight of the dark channel in the latent step (Pan et al. 2016);
+        0 turns the term off. Decays with ``lambda_grad``'s rule.
+      dark_patch: side of the dark channel's window (odd).
+      dark_start: μ starts at ``dark_weight / dark_start`` (Pan: the Otsu threshold of x²).
+      dark_beta_max: last μ (doubling).
     """
 
     max_kernel_size: int
@@ -95,6 +104,10 @@ class KernelEstimation:
     threshold: float
     min_component: float
     energy: float
+    dark_weight: float
+    dark_patch: int
+    dark_start: float
+    dark_beta_max: float
 
     def __post_init__(self):
         if self.max_kernel_size < 3 or self.max_kernel_size % 2 == 0:
@@ -109,6 +122,9 @@ class KernelEstimation:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
         if not 0 < self.energy <= 1:
             raise ValueError(f"energy must lie in (0, 1], got {self.energy}")
+        if self.dark_weight < 0 or self.dark_patch < 1 or self.dark_patch % 2 == 0:
+            raise ValueError(f"dark_weight must be >= 0 and dark_patch odd, got "
+                             f"{self.dark_weight}, {self.dark_patch}")
 
 
 def settings_from_config(config: Any) -> KernelEstimation:
@@ -178,8 +194,26 @@ def _kernel_otf(kernel: jax.Array, canvas: tuple[int, int]) -> jax.Array:
     return deconv.kernel_spectrum(kernel, canvas)[..., 0]
 
 
+def dark_pixels(image: jax.Array, patch: int) -> jax.Array:
+    """Where ``image`` holds the minimum of some ``patch × patch`` window (a dark-channel pixel).
+
+    The dark channel ``D(x)(c) = min_{p ∈ N(c)} x(p)`` (Pan et al. 2016; gray images: no
+    minimum over colours) and the pixels it reads are those where the morphological opening
+    (a max filter of ``D``) equals the image: a pixel is some window's minimum exactly when
+    the largest window minimum around it is its own value. Both filters are separable.
+    """
+    def filt(x, op, init):
+        x = jax.lax.reduce_window(x, init, op, (patch, 1), (1, 1), "SAME")
+        return jax.lax.reduce_window(x, init, op, (1, patch), (1, 1), "SAME")
+
+    dark = filt(image, jax.lax.min, jnp.inf)
+    opened = filt(dark, jax.lax.max, -jnp.inf)
+    return opened >= image
+
+
 def l0_latent(canvas: jax.Array, kernel: jax.Array, *, lam: jax.Array, beta_max: float,
-              num_beta: int) -> jax.Array:
+              num_beta: jax.Array, dark_weight: jax.Array = 0.0, dark_patch: int = 1,
+              dark_beta_init: jax.Array = 0.0, num_dark: jax.Array = 1) -> jax.Array:
     """The L0-gradient latent image of a smoothly periodic blurry canvas.
 
     Solves ``min_x ||k ⋆ x − y||² + λ ||∇x||₀`` by half-quadratic splitting: auxiliary
@@ -193,6 +227,14 @@ def l0_latent(canvas: jax.Array, kernel: jax.Array, *, lam: jax.Array, beta_max:
       lam: λ (a traced scalar).
       beta_max: upper bound of β.
       num_beta: number of β steps (a traced integer).
+      dark_weight: weight of the L0 dark-channel term ``||D(x)||₀`` (Pan et al. 2016); 0
+        leaves the plain L0-gradient latent. Solved by a second splitting: an outer loop
+        (``num_dark`` steps, penalty μ doubling from ``dark_beta_init``) sets the
+        dark-channel pixels whose square is below ``dark_weight/μ`` to 0 in a target ``u``,
+        and every β step adds ``μ||x − u||²`` (Pan's ``L0Restoration_dark``).
+      dark_patch: side of the dark channel's window (static).
+      dark_beta_init: first μ (a traced scalar).
+      num_dark: number of μ steps (a traced integer; 1 with ``dark_weight = 0``).
 
     Returns:
       ``(Hc, Wc)`` latent image.
@@ -202,18 +244,32 @@ def l0_latent(canvas: jax.Array, kernel: jax.Array, *, lam: jax.Array, beta_max:
     grad_energy = deconv.gradient_spectrum(shape, canvas.dtype)[..., 0]
     data = jnp.fft.rfft2(canvas) * otf           # Kᵀ y (adjoint of a correlation)
     kernel_energy = jnp.abs(otf) ** 2
-    def step(_, carry):
-        x, beta = carry
-        gx, gy = deconv.circular_gradients(x)
-        keep = (gx ** 2 + gy ** 2) >= lam / beta
-        gx, gy = gx * keep, gy * keep
-        numerator = data + beta * jnp.fft.rfft2(deconv.circular_gradients_adjoint(gx, gy))
-        x = jnp.fft.irfft2(numerator / (kernel_energy + beta * grad_energy), s=shape)
-        return x, jnp.minimum(beta * 2, beta_max)
+    dark_on = dark_weight > 0
 
-    # A traced step count: λ shrinks over the alternations and moves num_beta by one now
-    # and then, which as a static count compiled every level twice.
-    x, _ = jax.lax.fori_loop(0, num_beta, step, (canvas, 2 * lam))
+    def outer(_, carry):
+        x, mu = carry
+        mu = jnp.where(dark_on, mu, 0.0)
+        zero = dark_pixels(x, dark_patch) & (x ** 2 < dark_weight / jnp.maximum(mu, 1e-30))
+        target = jnp.fft.rfft2(jnp.where(zero, 0.0, x)) * mu
+
+        def step(_, inner):
+            x, beta = inner
+            gx, gy = deconv.circular_gradients(x)
+            keep = (gx ** 2 + gy ** 2) >= lam / beta
+            gx, gy = gx * keep, gy * keep
+            numerator = (data + target
+                         + beta * jnp.fft.rfft2(deconv.circular_gradients_adjoint(gx, gy)))
+            x = jnp.fft.irfft2(numerator / (kernel_energy + beta * grad_energy + mu),
+                               s=shape)
+            return x, jnp.minimum(beta * 2, beta_max)
+
+        # A traced step count: λ shrinks over the alternations and moves num_beta by one
+        # now and then, which as a static count compiled every level twice.
+        x, _ = jax.lax.fori_loop(0, num_beta, step, (x, 2 * lam))
+        return x, mu * 2
+
+    x, _ = jax.lax.fori_loop(0, jnp.where(dark_on, num_dark, 1), outer,
+                             (canvas, jnp.asarray(dark_beta_init, canvas.dtype)))
     return x
 
 
@@ -319,11 +375,14 @@ def crop_kernel_by_energy(kernel: np.ndarray, energy: float, margin: int = 1) ->
     return (out / out.sum()).astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("beta_max", "reg", "pad", "cg_iterations"))
-def _alternation(blurry, kernel, lam, fraction, *, num_beta, beta_max, reg, pad,
-                 cg_iterations):
+@functools.partial(jax.jit, static_argnames=("beta_max", "reg", "pad", "cg_iterations",
+                                             "dark_patch"))
+def _alternation(blurry, kernel, lam, fraction, dark, *, num_beta, num_dark, dark_mu,
+                 beta_max, reg, pad, cg_iterations, dark_patch):
     canvas = periodic_extension(blurry, pad)
-    latent = l0_latent(canvas, kernel, lam=lam, beta_max=beta_max, num_beta=num_beta)
+    latent = l0_latent(canvas, kernel, lam=lam, beta_max=beta_max, num_beta=num_beta,
+                       dark_weight=dark, dark_patch=dark_patch, dark_beta_init=dark_mu,
+                       num_dark=num_dark)
     size = kernel.shape[0]
     gradients = select_gradients(latent, size, fraction=fraction)
     kernel = fit_kernel(gradients, canvas, size, reg=reg, iterations=cg_iterations,
@@ -339,7 +398,7 @@ class KernelEstimate(NamedTuple):
     """What `estimate_kernel` returns."""
     kernel: np.ndarray          # (k, k), sum 1, cropped to the support by energy
     full_kernel: np.ndarray     # (max_kernel_size, max_kernel_size) before the crop
-    latent: np.ndarray          # (H, W) the last L0 latent image (edges only)
+    latent: Optional[np.ndarray]  # (H, W) the last L0 latent image (edges only)
     levels: list                # [(shape, kernel_size)] coarsest first
 
 
@@ -347,19 +406,61 @@ def _num_beta(lam: float, beta_max: float) -> int:
     return max(1, int(math.ceil(math.log2(beta_max / (2 * lam)))))
 
 
+def _num_steps(start: float, stop: float) -> int:
+    """Doublings from ``start`` until ``stop`` is reached (1 when ``start`` is 0)."""
+    return max(1, int(math.ceil(math.log2(stop / start)))) if start > 0 else 1
+
+
+class EstimationState(NamedTuple):
+    """Where `estimate_kernel` stands after an alternation: enough to go on from there.
+
+    ``level``/``iteration`` are the next ones to run (``iteration = 0``: the level starts
+    from ``kernel`` resampled to its size); ``lam``, ``fraction`` and ``dark`` are that
+    iteration's weights. Saved by the command after every alternation so an interrupted run
+    resumes where it stopped, with the result it would have had (`state_to_arrays`).
+    """
+    level: int
+    iteration: int
+    kernel: np.ndarray
+    lam: float
+    fraction: float
+    dark: float
+
+
+def state_to_arrays(state: EstimationState) -> dict:
+    """``{name: array}`` of a state, for ``np.savez`` (floats kept exact as float64)."""
+    return {"level": np.int64(state.level), "iteration": np.int64(state.iteration),
+            "kernel": np.asarray(state.kernel, np.float32), "lam": np.float64(state.lam),
+            "fraction": np.float64(state.fraction), "dark": np.float64(state.dark)}
+
+
+def state_from_arrays(arrays) -> EstimationState:
+    """The inverse of `state_to_arrays`."""
+    return EstimationState(int(arrays["level"]), int(arrays["iteration"]),
+                           np.asarray(arrays["kernel"], np.float32), float(arrays["lam"]),
+                           float(arrays["fraction"]), float(arrays["dark"]))
+
+
 def estimate_kernel(blurry: np.ndarray, settings: KernelEstimation, *,
-                    progress: Optional[Callable[[int, int, Level], None]] = None
+                    progress: Optional[Callable[[int, int, Level, int], None]] = None,
+                    resume: Optional[EstimationState] = None,
+                    on_state: Optional[Callable[[EstimationState], None]] = None
                     ) -> KernelEstimate:
     """Blind estimate of a uniform blur kernel, coarse to fine.
 
     Args:
       blurry: ``(H, W)`` float gray image in [0, 1] (luminance of a colour photo).
       settings: `KernelEstimation`.
-      progress: called as ``progress(level_index, num_levels, level)`` before each level.
+      progress: called as ``progress(level_index, num_levels, level, iteration)`` before
+        each alternation.
+      resume: a state saved by ``on_state`` from the same image and settings: the estimate
+        goes on from there and ends as the uninterrupted one.
+      on_state: called with the `EstimationState` after every alternation.
 
     Returns:
       `KernelEstimate`; ``kernel`` is in the library's cross-correlation convention
-      (``blurry ≈ blur.conv(sharp, kernel)``).
+      (``blurry ≈ blur.conv(sharp, kernel)``). ``latent`` is None when ``resume`` was
+      already past the last level.
     """
     blurry = np.asarray(blurry, np.float32)
     if blurry.ndim != 2:
@@ -371,35 +472,60 @@ def estimate_kernel(blurry: np.ndarray, settings: KernelEstimation, *,
                          f"{settings.max_kernel_size}: lower max_kernel_size or use a "
                          "larger image")
     levels = pyramid(blurry.shape, settings)
-    kernel = None
+    if resume is not None and not (
+            0 <= resume.level <= len(levels) and 0 <= resume.iteration < settings.iterations
+            and resume.kernel.ndim == 2 and np.all(np.isfinite(resume.kernel))):
+        raise ValueError(f"the saved state (level {resume.level}, iteration "
+                         f"{resume.iteration}) does not belong to this estimate; delete it "
+                         "to start again")
+    kernel = None if resume is None else resume.kernel
     latent = None
     for index, level in enumerate(levels):
-        if progress is not None:
-            progress(index, len(levels), level)
+        if resume is not None and index < resume.level:
+            continue
         y = (blurry if level.factor == 1 else
              np.asarray(_resize_image(blurry, level.shape)))
-        if kernel is None:
-            kernel = np.zeros((level.kernel_size,) * 2, np.float32)
-            c = level.kernel_size // 2
-            kernel[c - 1:c + 2, c - 1:c + 2] = 1 / 9
-        else:
-            kernel = resize_kernel(kernel, level.kernel_size)
         pad = (_fast(y.shape[0] + level.kernel_size) - y.shape[0],
                _fast(y.shape[1] + level.kernel_size) - y.shape[1])
-        lam, fraction = settings.lambda_grad, settings.edge_fraction
-        for _ in range(settings.iterations):
+        if resume is not None and index == resume.level and resume.iteration > 0:
+            first, lam, fraction, dark = (resume.iteration, resume.lam, resume.fraction,
+                                          resume.dark)
+        else:
+            first, lam, fraction = 0, settings.lambda_grad, settings.edge_fraction
+            dark = settings.dark_weight
+            if kernel is None:
+                kernel = np.zeros((level.kernel_size,) * 2, np.float32)
+                c = level.kernel_size // 2
+                kernel[c - 1:c + 2, c - 1:c + 2] = 1 / 9
+            else:
+                kernel = resize_kernel(kernel, level.kernel_size)
+        for iteration in range(first, settings.iterations):
+            if progress is not None:
+                progress(index, len(levels), level, iteration)
+            mu = dark / settings.dark_start
             raw, latent = _alternation(
                 jnp.asarray(y), jnp.asarray(kernel), jnp.float32(lam), jnp.float32(fraction),
+                jnp.float32(dark),
                 num_beta=jnp.int32(_num_beta(lam, settings.beta_max)),
+                num_dark=jnp.int32(_num_steps(mu, settings.dark_beta_max)),
+                dark_mu=jnp.float32(mu),
                 beta_max=settings.beta_max,
                 reg=settings.kernel_reg, pad=pad,
-                cg_iterations=settings.kernel_cg_iterations)
+                cg_iterations=settings.kernel_cg_iterations,
+                dark_patch=settings.dark_patch)
             kernel = clean_kernel(np.asarray(raw), threshold=settings.threshold,
                                   min_component=settings.min_component)
             lam = max(lam / settings.lambda_decay, settings.lambda_min)
+            dark = max(dark / settings.lambda_decay, settings.lambda_min) if dark else 0.0
             fraction *= settings.edge_decay
+            if on_state is not None:
+                last = iteration + 1 == settings.iterations
+                on_state(EstimationState(index + 1 if last else index,
+                                         0 if last else iteration + 1, kernel, lam, fraction,
+                                         dark))
     return KernelEstimate(crop_kernel_by_energy(kernel, settings.energy), kernel,
-                          np.asarray(latent), [(lv.shape, lv.kernel_size) for lv in levels])
+                          None if latent is None else np.asarray(latent),
+                          [(lv.shape, lv.kernel_size) for lv in levels])
 
 
 def informative_crop(gray: np.ndarray, size: int) -> tuple[slice, slice]:

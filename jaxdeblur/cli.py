@@ -29,8 +29,10 @@ import glob
 import json
 import os
 import pathlib
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 
@@ -258,12 +260,13 @@ def _progress(items, desc: str):
                 disable=len(items) <= 1 and not sys.stderr.isatty())
 
 
-def _run_photo(runner, image: np.ndarray, *, linear: bool, key):
-    """Deblurs one photo in the network layout and maps the result back to its layout."""
+def _run_photo(runner, image: np.ndarray, *, linear: bool, key, **options):
+    """Deblurs one photo in the network layout and maps the result back to its layout
+    (``options`` go to the runner's ``deblur``)."""
     rgb, layout = color.to_network_rgb(image, linear=linear)
     network_input = rgb[..., :1] if isinstance(
         runner, (mcem_runs.TiledMCEM, photo.PhotoDeblurrer)) and layout.n_color == 1 else rgb
-    result = _reported(runner.deblur, network_input, key=key)
+    result = _reported(runner.deblur, network_input, key=key, **options)
     restored = np.asarray(result["image"], np.float32)
     if restored.shape[-1] == 1:
         restored = np.repeat(restored, 3, axis=-1)
@@ -281,8 +284,25 @@ def _reported(run, *args, **kwargs):
         raise CLIError(str(err)) from err
 
 
+# Resumable runs (--method mcem): per photo, the kernel estimate's state after every
+# alternation, and a marker once the photo's outputs are written.
+STATE_DIR = ".jaxdeblur-state"
+
+
+def _state_paths(output: pathlib.Path, path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    folder = output / STATE_DIR
+    return folder / f"{path.name}.npz", folder / f"{path.name}.done"
+
+
+def _finished_earlier(output: pathlib.Path, path: pathlib.Path, plan: dict) -> bool:
+    """Whether an earlier (interrupted) run of the command already wrote this photo."""
+    done = _state_paths(output, path)[1]
+    return done.exists() and all(p.exists() for p in plan.values())
+
+
 def cmd_deblur(args) -> int:
     inputs = collect_inputs(args.inputs)
+    resumable = args.method == "mcem"
     roles = {"image": ""}
     if args.figures:
         roles.update({"compare": "_compare.png", "kernels": "_kernels.png",
@@ -291,7 +311,16 @@ def cmd_deblur(args) -> int:
             roles.update({"uncertainty": "_uncertainty.png", "metrics": "_metrics.jsonl",
                           "curves": "_curves.png"})
     output = prepare_output_dir(args.output)
-    plans = plan_outputs(inputs, output, roles, overwrite=args.overwrite)
+    skipped = set()
+    if resumable and not args.overwrite:
+        probe = plan_outputs(inputs, output, roles, overwrite=True)
+        skipped = {i for i, (path, plan) in enumerate(zip(inputs, probe))
+                   if _finished_earlier(output, path, plan)}
+    plans = plan_outputs([p for i, p in enumerate(inputs) if i not in skipped], output, roles,
+                         overwrite=args.overwrite)
+    for i in sorted(skipped):
+        print(f"{PROG}: {inputs[i]} was finished by an earlier run; skipped", file=sys.stderr)
+    inputs = [p for i, p in enumerate(inputs) if i not in skipped]
     check_readable(inputs)
     runner = make_runner(args)
     root = jax.random.key(args.seed)
@@ -299,7 +328,20 @@ def cmd_deblur(args) -> int:
         image, info = read_photo(path)
         key = jax.random.fold_in(root, index)
         start = time.perf_counter()
-        result = _run_photo(runner, image, linear=args.linear, key=key)
+        state_file, done_file = _state_paths(output, path)
+        if resumable:
+            state_file.parent.mkdir(exist_ok=True)
+            done_file.unlink(missing_ok=True)
+            try:
+                result = _run_photo(runner, image, linear=args.linear, key=key,
+                                    state_file=state_file)
+            except KeyboardInterrupt:
+                if state_file.exists():
+                    print(f"{PROG}: interrupted; {path}'s progress is saved in {state_file}: "
+                          "run the same command again to go on from there", file=sys.stderr)
+                raise
+        else:
+            result = _run_photo(runner, image, linear=args.linear, key=key)
         write_photo(plan["image"], result["photo"], info)
         if args.figures:
             viz.comparison_figure([image, result["photo"]], ["input", f"{args.method}"],
@@ -320,6 +362,9 @@ def cmd_deblur(args) -> int:
                     viz.training_curves_figure(plan["metrics"], plan["curves"],
                                                log_scale={k for row in result["metrics"]
                                                           for k in row if k != "step"})
+        if resumable:
+            done_file.write_text(f"{path}\n")
+            state_file.unlink(missing_ok=True)
         print(f"{path} -> {plan['image']} ({time.perf_counter() - start:.1f} s)",
               file=sys.stderr)
     return 0
@@ -635,10 +680,19 @@ def select_device(device: str | None) -> None:
         raise CLIError(f"--device {device} is not available here: {err}") from err
 
 
+def _terminate(signum, frame):
+    """SIGTERM handled like Ctrl-C: the run stops where it stands, its state saved."""
+    del signum, frame
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         select_device(args.device)
         if args.method == "none" and args.checkpoint:
@@ -650,6 +704,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

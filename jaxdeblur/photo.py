@@ -15,17 +15,22 @@ Settings come from `jaxdeblur/configs/photo.py`, fixed once in a frozen `PhotoSe
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import os
+import pathlib
 import time
+import zipfile
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdeblur import blind, configs, deconv, mcem
+from jaxdeblur import blind, blur, configs, deconv, mcem
 
 __all__ = ["Restoration", "PhotoSettings", "settings_from_config", "luminance",
-           "kernel_size_for", "PhotoResult", "deblur_uniform", "restore"]
+           "kernel_size_for", "PhotoResult", "deblur_uniform", "restore", "fingerprint",
+           "save_state", "load_state", "PhotoDeblurrer"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +64,11 @@ class PhotoSettings:
       restoration: `Restoration`.
       restorer: ``"hyper_laplacian"`` (fast, default) or ``"dip"`` (Deep EM's posterior
         mean with the kernel fixed).
+      field_grid: ``(rows, columns)`` of the kernel field for spatially varying blur
+        (Deep EM's filter-flow cells); ``(1, 1)``: one kernel for the photo.
+      field_crop: side of the crop around each cell's centre its kernel is refined on.
+      field_levels: the finest pyramid levels re-run for each cell, starting from the
+        photo's kernel.
     """
     working_size: int
     kernel_size: int
@@ -68,8 +78,18 @@ class PhotoSettings:
     estimation: blind.KernelEstimation
     restoration: Restoration
     restorer: str
+    field_grid: tuple
+    field_crop: int
+    field_levels: int
 
     def __post_init__(self):
+        if (len(self.field_grid) != 2 or min(self.field_grid) < 1
+                or not all(isinstance(g, int) for g in self.field_grid)):
+            raise ValueError(f"field_grid must be two positive integers (rows, columns), "
+                             f"got {self.field_grid!r}")
+        if self.field_levels < 1 or self.field_crop < 32:
+            raise ValueError(f"field_levels must be >= 1 and field_crop >= 32, got "
+                             f"{self.field_levels}, {self.field_crop}")
         if self.restorer not in ("hyper_laplacian", "dip"):
             raise ValueError(f"restorer must be 'hyper_laplacian' or 'dip', got "
                              f"{self.restorer!r}")
@@ -132,6 +152,8 @@ class PhotoResult(NamedTuple):
     crop: tuple                 # (row slice, column slice) the kernel was estimated on
     searched_size: int          # the kernel size searched
     uncertainty: Optional[np.ndarray]  # (H, W, C) posterior std with restorer "dip"
+    kernels: Optional[np.ndarray] = None   # (G, k, k) the field with field_grid > (1, 1)
+    centres: Optional[np.ndarray] = None   # (G, 2) their (y, x) in the photo
 
 
 def restore(blurry: np.ndarray, kernel: np.ndarray, settings: PhotoSettings,
@@ -157,16 +179,23 @@ def restore(blurry: np.ndarray, kernel: np.ndarray, settings: PhotoSettings,
 
 
 def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
-                   progress: Optional[Callable[[str, float], None]] = None,
-                   mcem_config: Any = None) -> PhotoResult:
+                   progress: Optional[Callable[[str, float, bool], None]] = None,
+                   mcem_config: Any = None,
+                   resume: Optional[blind.EstimationState] = None,
+                   on_state: Optional[Callable[[blind.EstimationState], None]] = None
+                   ) -> PhotoResult:
     """Blind deblurring of a photo blurred by one (uniform) kernel.
 
     Args:
       image: ``(H, W, C)`` float in [0, 1], C = 1 or 3.
       settings: `PhotoSettings`.
-      progress: called as ``progress(line, fraction_done)`` before each pyramid level and
-        before the restoration; the fraction counts work in pixels (`_work`).
+      progress: called as ``progress(line, fraction_done, milestone)`` before each
+        alternation of the kernel estimate and before the restoration; the fraction counts
+        work in pixels; ``milestone`` is True at the start of a level and of the
+        restoration (the lines worth printing in any case).
       mcem_config: the MCEM config, needed only by ``restorer = "dip"``.
+      resume, on_state: see `blind.estimate_kernel` (an interrupted estimate goes on from
+        its last saved state).
 
     Returns:
       `PhotoResult`.
@@ -184,56 +213,201 @@ def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
 
     levels = blind.pyramid(patch.shape, estimation)
     level_work = [lv.shape[0] * lv.shape[1] * estimation.iterations for lv in levels]
-    total = sum(level_work) + _RESTORATION_WORK * image.shape[0] * image.shape[1]
+    cells = int(np.prod(settings.field_grid))
+    if cells > 1:
+        cell_shape = (min(settings.field_crop, gray.shape[0]),
+                      min(settings.field_crop, gray.shape[1]))
+        cell_work = sum(lv.shape[0] * lv.shape[1] * estimation.iterations for lv in
+                        blind.pyramid(cell_shape, estimation)[-settings.field_levels:])
+    else:
+        cell_work = 0
+    total = (sum(level_work) + cells * cell_work
+             + _RESTORATION_WORK * image.shape[0] * image.shape[1])
 
-    def level_progress(index, count, level):
+    def level_progress(index, count, level, iteration):
         if progress is not None:
+            done = sum(level_work[:index]) + level_work[index] * iteration / \
+                estimation.iterations
             progress(f"kernel level {index + 1}/{count}: {level.shape[0]}x{level.shape[1]} "
-                     f"px, kernel {level.kernel_size}x{level.kernel_size}",
-                     sum(level_work[:index]) / total)
+                     f"px, kernel {level.kernel_size}x{level.kernel_size}, iteration "
+                     f"{iteration + 1}/{estimation.iterations}", done / total,
+                     iteration == 0)
 
-    estimate = blind.estimate_kernel(patch, estimation, progress=level_progress)
+    estimate = blind.estimate_kernel(patch, estimation, progress=level_progress,
+                                     resume=resume, on_state=on_state)
+    if tuple(settings.field_grid) != (1, 1):
+        def cell_progress(index, count):
+            if progress is not None:
+                progress(f"kernel field: cell {index + 1}/{count}",
+                         (sum(level_work) + index * cell_work) / total, True)
+
+        kernels, geometry = estimate_field(gray, estimate.full_kernel, settings, estimation,
+                                           progress=cell_progress)
+        if progress is not None:
+            progress(f"restoring {image.shape[0]}x{image.shape[1]}x{image.shape[2]} with "
+                     f"{len(kernels)} kernels of {kernels.shape[1]}x{kernels.shape[1]}",
+                     (sum(level_work) + cells * cell_work) / total, True)
+        restored = restore_field(image, kernels, geometry, settings)
+        return PhotoResult(restored, estimate.kernel, crop, size, None, kernels,
+                           cell_centres(geometry))
     if progress is not None:
         progress(f"restoring {image.shape[0]}x{image.shape[1]}x{image.shape[2]} with a "
                  f"{estimate.kernel.shape[0]}x{estimate.kernel.shape[0]} kernel "
-                 f"({settings.restorer})", sum(level_work) / total)
+                 f"({settings.restorer})", sum(level_work) / total, True)
     restored, uncertainty = restore(image, estimate.kernel, settings,
                                     mcem_config=mcem_config)
     return PhotoResult(restored, estimate.kernel, crop, size, uncertainty)
 
 
+def cell_centres(geometry) -> np.ndarray:
+    """``(G, 2)`` photo coordinates ``(y, x)`` of the filter-flow cells, row-major."""
+    top, _, left, _ = geometry.pad
+    ys = np.asarray(geometry.y_patch_centers) - top
+    xs = np.asarray(geometry.x_patch_centers) - left
+    return np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2).astype(np.float32)
+
+
+def estimate_field(gray: np.ndarray, kernel: np.ndarray, settings: PhotoSettings,
+                   estimation: blind.KernelEstimation, *,
+                   progress: Optional[Callable[[int, int], None]] = None):
+    """Per-cell kernels of a spatially varying blur, each refined from the photo's kernel.
+
+    Around every cell centre of the filter-flow grid (``settings.field_grid``) a crop of
+    ``field_crop`` pixels (moved inside the photo) re-runs the ``field_levels`` finest
+    levels of the coarse-to-fine estimate, starting from ``kernel`` (the photo's
+    ``(K, K)`` estimate before its crop by energy): the uniform estimate fixes the kernel's
+    scale and gross shape, the cells only bend it.
+
+    Returns:
+      ``(kernels (G, k, k), geometry)``: one odd size ``k`` holding ``estimation.energy``
+      of every kernel's mass, and the `blur.EFFGeometry` they act on.
+    """
+    h, w = gray.shape
+    size = kernel.shape[0]
+    geometry = blur.eff_windows((h, w), tuple(settings.field_grid), size)
+    centres = cell_centres(geometry)
+    side_h, side_w = min(settings.field_crop, h), min(settings.field_crop, w)
+    kernels = []
+    for index, (cy, cx) in enumerate(centres):
+        if progress is not None:
+            progress(index, len(centres))
+        top = int(np.clip(round(cy) - side_h // 2, 0, h - side_h))
+        left = int(np.clip(round(cx) - side_w // 2, 0, w - side_w))
+        patch = gray[top:top + side_h, left:left + side_w]
+        levels = blind.pyramid(patch.shape, estimation)
+        start = blind.EstimationState(max(0, len(levels) - settings.field_levels), 0,
+                                      kernel, 0.0, 0.0, 0.0)
+        kernels.append(blind.estimate_kernel(patch, estimation, resume=start).full_kernel)
+    kernels = np.stack(kernels)
+    radius = max(blind.crop_kernel_by_energy(k, estimation.energy).shape[0]
+                 for k in kernels) // 2
+    c = size // 2
+    kernels = kernels[:, c - radius:c + radius + 1, c - radius:c + radius + 1]
+    kernels = kernels / kernels.sum(axis=(1, 2), keepdims=True)
+    geometry = blur.eff_windows((h, w), tuple(settings.field_grid), 2 * radius + 1)
+    return kernels.astype(np.float32), geometry
+
+
+def restore_field(blurry: np.ndarray, kernels: np.ndarray, geometry,
+                  settings: PhotoSettings) -> np.ndarray:
+    """Non-blind restoration of every channel with a kernel field (`deconv.filter_flow`,
+    the same hyper-Laplacian prior as `restore`)."""
+    r = settings.restoration
+    restored = deconv.filter_flow(
+        jnp.asarray(blurry, jnp.float32), jnp.asarray(kernels, jnp.float32), geometry,
+        weight=r.weight, alpha=r.alpha, beta_init=r.beta_init, beta_max=r.beta_max,
+        beta_rate=r.beta_rate, inner_iterations=r.inner_iterations,
+        cg_iterations=r.cg_iterations, newton_iterations=r.newton_iterations)
+    return np.clip(np.asarray(restored), 0, 1)
+
+
+def fingerprint(image: np.ndarray, settings: PhotoSettings) -> str:
+    """A digest of the photo's pixels and the settings: a saved state resumes only the run
+    it came from."""
+    digest = hashlib.sha256(np.ascontiguousarray(image, np.float32).tobytes())
+    digest.update(repr(image.shape).encode())
+    digest.update(repr(settings).encode())
+    return digest.hexdigest()
+
+
+def save_state(path: pathlib.Path, state: blind.EstimationState, key: str) -> None:
+    """Writes a state atomically (a temporary file renamed over the old one)."""
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, fingerprint=np.asarray(key), **blind.state_to_arrays(state))
+    os.replace(tmp, path)
+
+
+def load_state(path: pathlib.Path, key: str) -> Optional[blind.EstimationState]:
+    """The state saved at ``path`` for the run ``key``, or None (absent, another photo or
+    other settings). A file that cannot be read is an error naming it."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as arrays:
+            if str(arrays["fingerprint"]) != key:
+                return None
+            return blind.state_from_arrays(arrays)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise ValueError(f"the saved state {path} is damaged ({err}); delete it to start "
+                         "this photo again") from err
+
+
 class PhotoDeblurrer:
     """`deblur_uniform` behind the interface of the command's runners.
 
-    ``deblur(image, key=...)`` returns ``{"image", "kernels" (1, k, k), "centres" (1, 2),
-    "metrics", ["uncertainty"]}``; ``progress(line)`` receives a line per stage with the
-    elapsed time and an estimate of the time left (work counted in pixels per level).
+    ``deblur(image, key=..., state_file=...)`` returns ``{"image", "kernels" (1, k, k),
+    "centres" (1, 2), "metrics", ["uncertainty"]}``; ``progress(line)`` receives a line at
+    every pyramid level (and every ``progress_every`` seconds within one) with the elapsed
+    time and an estimate of the time left (work counted in pixels per level). With a
+    ``state_file`` the kernel estimate is saved after every alternation and a later call on
+    the same photo with the same settings goes on from it.
     """
 
     def __init__(self, settings: PhotoSettings, *, mcem_config: Any = None,
-                 progress: Optional[Callable[[str], None]] = None):
+                 progress: Optional[Callable[[str], None]] = None,
+                 progress_every: float = 10.0):
         self.settings, self.mcem_config, self.progress = settings, mcem_config, progress
+        self.progress_every = progress_every
 
-    def deblur(self, image: np.ndarray, *, key=None) -> dict:
+    def deblur(self, image: np.ndarray, *, key=None,
+               state_file: Optional[pathlib.Path] = None) -> dict:
         del key  # the estimate is deterministic
         start = time.perf_counter()
+        last = [-math.inf]
 
-        def report(line: str, fraction: float):
+        def report(line: str, fraction: float, milestone: bool):
             if self.progress is None:
                 return
-            elapsed = time.perf_counter() - start
+            now = time.perf_counter()
+            if not milestone and now - last[0] < self.progress_every:
+                return
+            last[0] = now
+            elapsed = now - start
             eta = (f", about {elapsed * (1 - fraction) / fraction:.0f} s left"
                    if fraction > 0 else "")
             self.progress(f"{line} ({elapsed:.1f} s elapsed{eta})")
 
+        resume, on_state = None, None
+        if state_file is not None:
+            state_file = pathlib.Path(state_file)
+            run_key = fingerprint(image, self.settings)
+            resume = load_state(state_file, run_key)
+            if resume is not None and self.progress is not None:
+                self.progress(f"resuming from {state_file} (level {resume.level + 1}, "
+                              f"iteration {resume.iteration + 1})")
+            on_state = lambda state: save_state(state_file, state, run_key)  # noqa: E731
+
         result = deblur_uniform(image, self.settings, progress=report,
-                                mcem_config=self.mcem_config)
+                                mcem_config=self.mcem_config, resume=resume,
+                                on_state=on_state)
         k = result.kernel.shape[0]
         rows, cols = result.crop
         out = {"image": result.restored, "kernels": result.kernel[None],
                "centres": np.asarray([[(rows.start + rows.stop) / 2,
                                        (cols.start + cols.stop) / 2]], np.float32),
                "metrics": [], "kernel_size": k}
+        if result.kernels is not None:
+            out["kernels"], out["centres"] = result.kernels, result.centres
         if result.uncertainty is not None:
             out["uncertainty"] = result.uncertainty.mean(-1)
         if self.progress is not None:

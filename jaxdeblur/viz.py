@@ -179,7 +179,8 @@ def detail_crop(image, size: int) -> tuple[int, int, int, int]:
 
 def comparison_figure(images: Sequence, titles: Sequence[str], path, *,
                       crop: tuple[int, int, int, int] | None = None,
-                      crop_source: int = -1, width_px: int = 1200) -> pathlib.Path:
+                      crop_source: int = -1, width_px: int = 1200,
+                      kernel=None, kernel_fraction: float = 0.28) -> pathlib.Path:
     """Before/after panels side by side, with a zoomed crop of each under it.
 
     Args:
@@ -190,6 +191,9 @@ def comparison_figure(images: Sequence, titles: Sequence[str], path, *,
         ``min(H, W) // 4`` with the most detail in ``images[crop_source]``.
       crop_source: which image picks the default crop.
       width_px: figure width in pixels.
+      kernel: an optional ``(k, k)`` blur kernel, drawn (normalised to its maximum, white
+        on black) in the top-right corner of the last panel.
+      kernel_fraction: the kernel inset's side as a fraction of a panel's width.
 
     Returns:
       The path written.
@@ -223,6 +227,18 @@ def comparison_figure(images: Sequence, titles: Sequence[str], path, *,
         bottom = fig.add_axes((i / n, 0.0, 1 / n, crop_h / total_h))
         bottom.imshow(array[y:y + h, x:x + w], **kwargs)
         _bare(bottom)
+    if kernel is not None:
+        k = np.asarray(kernel, np.float32)
+        if k.ndim != 2:
+            raise ValueError(f"kernel must be (k, k), got shape {k.shape}")
+        side = min(kernel_fraction * panel_w, 0.9 * panel_h)
+        inset = fig.add_axes((1 - side / width_px, (crop_h + panel_h - side) / total_h,
+                              side / width_px, side / total_h))
+        inset.imshow(k / max(float(k.max()), 1e-12), cmap="gray", vmin=0, vmax=1,
+                     interpolation="nearest")
+        for spine in inset.spines.values():
+            spine.set_edgecolor("yellow")
+        _bare(inset)
     return _save(fig, path)
 
 

@@ -131,3 +131,79 @@ def test_photo_config_fields_are_exact():
     del config.restoration["alpha"]
     with pytest.raises(ValueError, match="alpha"):
         photo.settings_from_config(config)
+
+
+def test_dark_pixels_are_the_window_minima():
+    """`dark_pixels` marks exactly the pixels some window takes its minimum from (brute
+    force: every window's argmin, windows clipped at the border)."""
+    rng = np.random.default_rng(3)
+    image = rng.random((23, 19)).astype(np.float32)
+    patch = 5
+    r = patch // 2
+    expected = np.zeros(image.shape, bool)
+    for i in range(image.shape[0]):
+        for j in range(image.shape[1]):
+            window = image[max(0, i - r):i + r + 1, max(0, j - r):j + r + 1]
+            a, b = np.unravel_index(np.argmin(window), window.shape)
+            expected[max(0, i - r) + a, max(0, j - r) + b] = True
+    got = np.asarray(blind.dark_pixels(jnp.asarray(image), patch))
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_dark_channel_term_darkens_the_latent_and_can_be_off():
+    """With ``dark_weight = 0`` the latent is the plain L0-gradient one; with the term on,
+    the blurred dark channel (lifted by the blur) comes back towards 0."""
+    sharp = np.full((64, 64), 0.6, np.float32)
+    sharp[20:44, 20:44] = 0.05
+    kernel = _stroke(7)
+    blurry = np.asarray(blur.conv(jnp.asarray(sharp)[..., None], jnp.asarray(kernel),
+                                  boundary="circular"))[..., 0]
+    args = dict(lam=jnp.float32(4e-3), beta_max=1e5, num_beta=jnp.int32(25))
+    plain = blind.l0_latent(jnp.asarray(blurry), jnp.asarray(kernel), **args)
+    off = blind.l0_latent(jnp.asarray(blurry), jnp.asarray(kernel), **args,
+                          dark_weight=jnp.float32(0), dark_patch=5,
+                          dark_beta_init=jnp.float32(1.0), num_dark=jnp.int32(4))
+    np.testing.assert_array_equal(np.asarray(off), np.asarray(plain))
+    on = blind.l0_latent(jnp.asarray(blurry), jnp.asarray(kernel), **args,
+                         dark_weight=jnp.float32(4e-2), dark_patch=5,
+                         dark_beta_init=jnp.float32(0.16), num_dark=jnp.int32(6))
+    assert np.isfinite(np.asarray(on)).all()
+    dark = lambda x: float(np.asarray(x)[22:42, 22:42].mean())  # noqa: E731
+    assert dark(on) < dark(plain)
+
+
+def test_kernel_field_follows_a_blur_that_changes_across_the_photo():
+    """A photo whose left and right halves are blurred by different strokes (a filter flow
+    of two cells): the field path refines each cell's kernel from the photo's and beats
+    the single kernel where the blur differs."""
+    size, k = 192, 11
+    left, right = _stroke(k), _stroke(k).T.copy()
+    m = 2 * k        # the flow zero-pads the frame: blur a larger scene, keep its middle
+    big = skimage.data.camera()[60:60 + size + 2 * m, 100:100 + size + 2 * m] / 255.0
+    geometry = blur.eff_windows(big.shape, (1, 2), k)
+    blurry = np.asarray(blur.filter_flow_blur(
+        jnp.asarray(big, jnp.float32)[..., None], jnp.asarray(np.stack([left, right])),
+        geometry))[m:-m, m:-m, 0]
+    scene = big[m:-m, m:-m].astype(np.float32)
+    blurry = np.clip(blurry + 0.003 * np.random.default_rng(1).standard_normal(blurry.shape),
+                     0, 1).astype(np.float32)
+    base = photo.settings_from_config(configs.load(
+        "photo", ["kernel_size=21", "estimation.iterations=6", "field_levels=1",
+                  "field_crop=128"]))
+    uniform = photo.deblur_uniform(blurry[..., None], base)
+    field = photo.deblur_uniform(blurry[..., None],
+                                 dataclasses.replace(base, field_grid=(1, 2)))
+    assert field.kernels.shape[0] == 2 and np.allclose(field.kernels.sum((1, 2)), 1)
+    assert (field.kernels >= 0).all() and field.centres.shape == (2, 2)
+    assert field.centres[0, 1] < field.centres[1, 1]            # left cell first
+    assert _padded_cosine(field.kernels[0], left) > _padded_cosine(field.kernels[1], left)
+    assert _padded_cosine(field.kernels[1], right) > _padded_cosine(field.kernels[0], right)
+
+    def psnr(x):
+        return float(metrics.psnr(jnp.asarray(x[12:-12, 12:-12]),
+                                  jnp.asarray(scene[12:-12, 12:-12, None])))
+
+    print(f"blurry {psnr(blurry[..., None]):.2f} dB, one kernel "
+          f"{psnr(uniform.restored):.2f} dB, field {psnr(field.restored):.2f} dB")
+    # Measured 24.70 dB blurry, 26.27 one kernel, 27.21 field (the true field: 32.74).
+    assert psnr(field.restored) > psnr(uniform.restored) + 0.5
