@@ -21,6 +21,18 @@ dequantisation noise for both), the sums of their samples, and a side-by-side PN
 samples from the same latents::
 
   python benchmarks/flow.py --compare [--png docs/flow_samples.png]
+
+With ``--real DIR`` it scores both priors on measured kernels instead: every ``*.npy`` /
+``*.png`` kernel of DIR (any size; a file that repeats another's kernel rotated or flipped
+is skipped) is fitted into the 19×19 window by `jaxdeblur.kernels.fit_kernel` (the
+``real_kernels`` settings of ``jaxdeblur/configs/flow_prior.py``), taken in all 8
+rotations/flips (`jaxdeblur.kernels.kernel_variants`), and its NLL — computed as
+``--compare`` does (dequantisation ``U(0, 1)/720``, logit space, eval mode, nats per
+kernel) — is averaged over the 8 variants and over 8 dequantisation draws, the same
+draws for both priors. ``--cross-family`` scores both priors on ``--n`` samples of each
+kernel generator of ``benchmarks/kernel_stats.py --families`` the same way::
+
+  python benchmarks/flow.py --real ../shared/data/lai/kernel_npy [--cross-family]
 """
 
 from __future__ import annotations
@@ -37,7 +49,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import kernel_stats  # noqa: E402
 from jaxdeblur import configs, convert, flow  # noqa: E402
+from jaxdeblur import kernels as kernels_lib  # noqa: E402
 from jaxdeblur.train import flow_prior as flow_training  # noqa: E402
 
 _DEFAULT_WEIGHTS = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -195,6 +210,67 @@ def compare_priors(official_weights: str, ours: str, png: str, n_samples: int = 
     print(f"wrote {png}")
 
 
+def dequantized_nll(module, variables, kernels: np.ndarray, *, key: jax.Array, scale: float,
+                    draws: int, batch: int = 4096) -> np.ndarray:
+    """Eval-mode NLL (nats per kernel) of each kernel ``(N, k, k)``, averaged over ``draws``
+    dequantisation draws (draw ``d`` uses ``fold_in(key, d)``), as ``--compare`` computes it
+    for one draw: `jaxdeblur.train.flow_prior.to_flow_space`, then ``flow_log_prob``."""
+    log_prob = jax.jit(lambda v, x: module.apply(v, x, method="flow_log_prob"))
+    to_flow = jax.jit(lambda k, key: flow_training.to_flow_space(module, k, key=key,
+                                                                 scale=scale))
+    total = np.zeros(len(kernels))
+    for draw in range(draws):
+        draw_key = jax.random.fold_in(key, draw)
+        for start in range(0, len(kernels), batch):
+            chunk = jnp.asarray(kernels[start:start + batch], jnp.float32)
+            x = to_flow(chunk, jax.random.fold_in(draw_key, start))
+            total[start:start + batch] -= np.asarray(log_prob(variables, x), np.float64)
+    return total / draws
+
+
+def real_kernel_nll(directory: str, official_weights: str, ours: str, cross_family: bool,
+                    n: int, draws: int = 8) -> None:
+    """``--real`` / ``--cross-family``: see the module docstring."""
+    config = configs.load("flow_prior")
+    priors = {"shipped": flow.load_pretrained() if ours == "ours" else flow.load_flow(ours),
+              "official": flow.load_pretrained(official_weights)}
+    size = priors["shipped"][0].kernel_size
+    key = jax.random.key(config.eval_seed)
+    scale = config.dequantization_scale
+    settings = config.real_kernels
+    real = kernel_stats.real_kernels(pathlib.Path(directory), settings.fit_size,
+                                     settings.threshold, size)
+    print(f"# NLL of measured kernels ({directory}), fitted by fit_kernel(fit_size="
+          f"{settings.fit_size}, threshold={settings.threshold}) into {size}x{size}, mean over "
+          f"the 8 rotations/flips and {draws} dequantisation draws (scale {scale:.6g}); "
+          "eval mode, logit space, nats per kernel (lower is better)")
+    print(f"\n| kernel | {' | '.join(f'{name} prior' for name in priors)} |")
+    print("|---" * (1 + len(priors)) + "|")
+    per_prior = {name: [] for name in priors}
+    for name, kernel in real.items():
+        variants = np.asarray(kernels_lib.kernel_variants(kernel))
+        cells = []
+        for prior, (module, variables) in priors.items():
+            nll = dequantized_nll(module, variables, variants, key=key, scale=scale,
+                                  draws=draws)
+            per_prior[prior].append(nll)
+            cells.append(f"{nll.mean():.1f}")
+        print(f"| {name} | {' | '.join(cells)} |")
+    means = [f"**{np.mean(per_prior[p]):.1f}**" for p in priors]
+    print(f"| mean ({len(real)} kernels x 8 variants) | {' | '.join(means)} |")
+    if not cross_family:
+        return
+    print(f"\n# NLL of {n} samples of each generator (seed {config.eval_seed}), "
+          f"{draws} dequantisation draws, same conventions")
+    print(f"\n| generator | {' | '.join(f'{name} prior' for name in priors)} |")
+    print("|---" * (1 + len(priors)) + "|")
+    for family in kernel_stats.FAMILY_NAMES:
+        samples = kernel_stats.family_samples(family, n, config.eval_seed, size)["kernel"]
+        cells = [f"{dequantized_nll(m, v, samples, key=key, scale=scale, draws=draws).mean():.1f}"
+                 for m, v in priors.values()]
+        print(f"| {family} | {' | '.join(cells)} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=65536)
@@ -206,6 +282,12 @@ def main() -> None:
     parser.add_argument("--ours", default="ours",
                         help="with --compare: 'ours' (shipped) or a save_flow path prefix")
     parser.add_argument("--png", default="docs/flow_samples.png")
+    parser.add_argument("--real", metavar="DIR",
+                        help="NLL of both priors on the measured kernels (*.npy, *.png) in DIR")
+    parser.add_argument("--cross-family", action="store_true",
+                        help="with --real: also the NLL on samples of each kernel generator")
+    parser.add_argument("--n", type=int, default=1000,
+                        help="with --cross-family: samples per generator")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for both frameworks (1 gives stable figures on a "
                              "shared machine; 0 leaves both at their defaults)")
@@ -219,6 +301,9 @@ def main() -> None:
                                    f"intra_op_parallelism_threads={args.threads}")
     if args.compare:
         compare_priors(args.weights, args.ours, args.png)
+        return
+    if args.real:
+        real_kernel_nll(args.real, args.weights, args.ours, args.cross_family, args.n)
         return
 
     import torch

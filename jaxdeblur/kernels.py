@@ -13,6 +13,16 @@ Three generators, all pure JAX (``jit``/``vmap``-able, keyword-only ``key``):
   physical).
 * `synthesize_blur` — ``blurry = per_pixel_blur(sharp, field) + noise``.
 
+Generators calibrated to measured camera shake (issue #16; `draw_kernel`, returning a
+`KernelDraw` with the random quantities behind each kernel): Boracchi–Foi shakes with a
+drawn exposure (`boracchi_foi_trajectory`), Gaussian-process trajectories
+(`gaussian_process_trajectory`), smooth random splines (`spline_trajectory`) and their
+mixture, each with a drawn length (`sample_length`) and the window fit of
+`rasterise_trajectory`. Their numbers live in ``jaxdeblur/configs/flow_prior.py``
+(`generator_config` reads them into frozen dataclasses); `kernel_sampler` is the flow
+prior's data source. Measured kernels of any size are fitted into the same window by
+`fit_kernel` and augmented by `kernel_variants`.
+
 Every kernel follows the library's cross-correlation convention: entry ``(i, j)`` of the
 kernel at pixel ``p`` weights the sharp pixel at ``p + (i - r, j - r)``, ``r = (k-1)/2``.
 A trajectory point displaced by ``(dy, dx)`` from the pixel therefore lands at kernel
@@ -31,13 +41,20 @@ References:
   O. Whyte, J. Sivic, A. Zisserman, J. Ponce, "Non-uniform deblurring for shaken images",
   IJCV 98, 2012; W.-S. Lai, J.-B. Huang, Z. Hu, N. Ahuja, M.-H. Yang, "A comparative study
   for single image blind deblurring", CVPR 2016 (rotational camera shake).
+  C. J. Schuler, M. Hirsch, S. Harmeling, B. Schölkopf, "Learning to deblur", IEEE TPAMI
+  38(7), 2016 (Gaussian-process trajectories); A. Chakrabarti, "A neural approach to blind
+  motion deblurring", ECCV 2016 (spline trajectories).
 """
 
+import dataclasses
+import functools
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import scipy.interpolate
 
 from jaxdeblur.blur import per_pixel_blur
 
@@ -627,3 +644,569 @@ def synthesize_blur(key, sharp, kernel_field, *, noise_sigma: float = 0.01, clip
     blurry = per_pixel_blur(sharp, kernel_field, boundary=boundary)
     blurry = blurry + noise_sigma * jax.random.normal(key, sharp.shape, jnp.float32)
     return jnp.clip(blurry, 0.0, 1.0) if clip else blurry
+
+
+# --- Generators calibrated to measured camera shake -----------------------------------------
+#
+# Every generator below draws a trajectory of some shape, then `rasterise_trajectory` gives
+# it a drawn exposed length, centres it on its centre of mass and fits it into the window by
+# the same rule as `fit_kernel` applies to measured kernels. The numbers come from a config
+# (`jaxdeblur/configs/flow_prior.py`, ``generator_settings``) as the frozen dataclasses here;
+# none of these functions has a numeric default.
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthLaw:
+    """A log-normal law of trajectory lengths truncated to ``[minimum, maximum]``.
+
+    ``log L ~ N(log median, log_sigma²)`` conditioned on ``minimum ≤ L ≤ maximum``, drawn
+    exactly by inverting the CDF (`sample_length`). Lengths are in kernel pixels of the
+    output window, before the window fit of `rasterise_trajectory`.
+    """
+    median: float
+    log_sigma: float
+    minimum: float
+    maximum: float
+
+
+@dataclasses.dataclass(frozen=True)
+class BoracchiFoiConfig:
+    """Boracchi–Foi shake trajectories, calibrated length and exposure (`boracchi_foi_trajectory`).
+
+    Attributes:
+      length: law of the exposed trajectory length.
+      exposure_min, exposure_max: the exposure fraction ``e ~ U(exposure_min, exposure_max)``
+        of the ``n_steps``-step shake that is integrated (it sets how many turns the exposed
+        path takes, not its length).
+      n_steps: trajectory points of the whole shake (static).
+      canvas_length: length of the whole shake in canvas pixels; a shape parameter, since
+        the centripetal pull acts on positions (public generator: 60).
+      anxiety_max, big_shake_prob_max, centripetal_max, gaussian_shake_max: the shake
+        parameters are drawn as ``max · U(0, 1)`` (public generator: 0.1, 0.2, 0.7, 10).
+      fit_size: the window fit (`rasterise_trajectory`).
+    """
+    length: LengthLaw
+    exposure_min: float
+    exposure_max: float
+    n_steps: int
+    canvas_length: float
+    anxiety_max: float
+    big_shake_prob_max: float
+    centripetal_max: float
+    gaussian_shake_max: float
+    fit_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussianProcessConfig:
+    """Gaussian-process trajectories (`gaussian_process_trajectory`).
+
+    Attributes:
+      length: law of the trajectory length.
+      n_steps: time samples over the exposure (static).
+      duration: exposure time in the units of ``lengthscale``.
+      lengthscale: Matérn lengthscale ``l``.
+      smoothness: Matérn ``ν``, 1.5 or 2.5.
+      fit_size: the window fit (`rasterise_trajectory`).
+    """
+    length: LengthLaw
+    n_steps: int
+    duration: float
+    lengthscale: float
+    smoothness: float
+    fit_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SplineConfig:
+    """Smooth random spline trajectories (`spline_trajectory`).
+
+    Attributes:
+      length: law of the trajectory length.
+      n_control: control points, drawn uniformly in the unit square (static).
+      n_steps: samples of the curve, uniform in the spline parameter (static).
+      fit_size: the window fit (`rasterise_trajectory`).
+    """
+    length: LengthLaw
+    n_control: int
+    n_steps: int
+    fit_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureConfig:
+    """A mixture of the three families; ``weights`` (Boracchi–Foi, Gaussian process,
+    spline) are non-negative and need not sum to 1."""
+    boracchi_foi: BoracchiFoiConfig
+    gaussian_process: GaussianProcessConfig
+    spline: SplineConfig
+    weights: tuple[float, float, float]
+
+
+#: The families of `draw_kernel`, in the order of `KernelDraw.family` and of the mixture
+#: weights.
+FAMILIES = ("boracchi_foi", "gaussian_process", "spline")
+_FAMILY_CONFIGS = {"boracchi_foi": BoracchiFoiConfig, "gaussian_process": GaussianProcessConfig,
+                   "spline": SplineConfig, "mixture": MixtureConfig}
+
+
+class Trajectory(NamedTuple):
+    """A trajectory before rasterisation.
+
+    Attributes:
+      points: ``(T, 2)`` float32 ``(row, column)`` positions, in any units and placement
+        (`rasterise_trajectory` rescales and centres them).
+      weights: ``(T,)`` float32 exposure weights (time spent at each point), ``≥ 0``.
+      length: the drawn exposed length in kernel pixels (before the window fit).
+      exposure: the drawn exposure fraction (1 for families without one).
+    """
+    points: jax.Array
+    weights: jax.Array
+    length: jax.Array
+    exposure: jax.Array
+
+
+class KernelDraw(NamedTuple):
+    """One generated kernel and the random quantities behind it.
+
+    Attributes:
+      kernel: ``(size, size)`` float32, non-negative, sum 1, centre of mass at the centre.
+      length: the drawn trajectory length in kernel pixels (its law: the config's
+        `LengthLaw`); the rasterised path is ``length · fit_scale`` long.
+      exposure: the drawn exposure fraction (Boracchi–Foi; 1 otherwise).
+      fit_scale: the window-fit factor in (0, 1].
+      family: index into `FAMILIES`.
+    """
+    kernel: jax.Array
+    length: jax.Array
+    exposure: jax.Array
+    fit_scale: jax.Array
+    family: jax.Array
+
+
+def _check_length_law(law: LengthLaw) -> None:
+    if not (0 < law.minimum <= law.median <= law.maximum and law.log_sigma > 0):
+        raise ValueError(f"a LengthLaw needs 0 < minimum <= median <= maximum and "
+                         f"log_sigma > 0, got {law}")
+
+
+def sample_length(law: LengthLaw, *, key):
+    """Draws one trajectory length from a truncated log-normal `LengthLaw`.
+
+    ``L = exp(μ + s·Φ⁻¹(u))``, ``u ~ U(Φ(a), Φ(b))`` with ``μ = log median``,
+    ``s = log_sigma``, ``a = (log minimum − μ)/s``, ``b = (log maximum − μ)/s``: exact
+    inverse-CDF sampling of the truncated law (no rejection, so ``vmap`` friendly).
+
+    Args:
+      law: the `LengthLaw`.
+      key: PRNG key.
+
+    Returns:
+      scalar float32 length in kernel pixels.
+    """
+    _check_length_law(law)
+    mu, s = math.log(law.median), law.log_sigma
+    lower = jax.scipy.special.ndtr((math.log(law.minimum) - mu) / s)
+    upper = jax.scipy.special.ndtr((math.log(law.maximum) - mu) / s)
+    u = jax.random.uniform(key, (), jnp.float32, lower, upper)
+    length = jnp.exp(mu + s * jax.scipy.special.ndtri(u))
+    # ndtri in float32 can overshoot a bound by an ulp.
+    return jnp.clip(length, law.minimum, law.maximum)
+
+
+def rasterise_trajectory(trajectory: Trajectory, size: int, fit_size: int, *,
+                         splat_method: str = "scatter"):
+    """Rasterises a trajectory at its drawn length, centred, fitted into the window.
+
+    1. Scale: the exposed path length ``Σ_t w_t·|p_t − p_{t−1}|`` becomes ``length``.
+    2. Centre: the weighted centre of mass ``Σ w_t p_t / Σ w_t`` goes to the kernel centre
+       ``r = (size − 1)/2``.
+    3. Fit: if an exposed point lies farther than ``h = (fit_size − 1)/2`` from the centre
+       along a row or column, the path is scaled about the centre by
+       ``fit_scale = h / max_t |p_t − r|_∞`` — the rule `fit_kernel` applies to measured
+       kernels, so generated and measured kernels meet the window alike.
+    4. Splat bilinearly (`tent_splat`, mass and first moment exact) and normalise.
+
+    Args:
+      trajectory: a `Trajectory`.
+      size: kernel side, odd (static).
+      fit_size: odd, ``≤ size``; the support of a balanced path spans at most this many
+        pixels (17 in a 19 window keeps a one-pixel border).
+      splat_method: see `tent_splat`.
+
+    Returns:
+      ``(kernel, fit_scale)``: ``(size, size)`` float32 (non-negative, sum 1, centre of mass
+      at the centre up to float rounding) and the scalar fit factor in (0, 1].
+    """
+    _check_kernel_size(size)
+    if not isinstance(fit_size, int) or not 1 <= fit_size <= size:
+        raise ValueError(f"fit_size must be a Python int in [1, size={size}], got {fit_size!r}")
+    points = trajectory.points.astype(jnp.float32)
+    weights = trajectory.weights.astype(jnp.float32)
+    steps = jnp.linalg.norm(points[1:] - points[:-1], axis=-1)
+    measured = jnp.sum(steps * weights[1:])
+    points = points * (trajectory.length / jnp.maximum(measured, 1e-30))
+    centre_of_mass = jnp.sum(points * weights[:, None], axis=0) / jnp.sum(weights)
+    points = points - centre_of_mass
+    reach = jnp.max(jnp.where(weights[:, None] > 0, jnp.abs(points), 0.0))
+    half = (fit_size - 1) / 2.0
+    fit_scale = jnp.minimum(1.0, half / jnp.maximum(reach, 1e-30))
+    centre = (size - 1) / 2.0
+    # The fit keeps exposed points inside; the clip only absorbs float rounding and
+    # unexposed points (weight 0).
+    points = jnp.clip(points * fit_scale + centre, 0.0, size - 1.0)
+    kernel = tent_splat(points, weights, size, method=splat_method)
+    return kernel / jnp.sum(kernel), fit_scale
+
+
+def boracchi_foi_trajectory(config: BoracchiFoiConfig, *, key) -> Trajectory:
+    """A Boracchi–Foi camera-shake trajectory with a drawn length and exposure.
+
+    The shake of `shake_trajectory` (inertia, Gaussian shake, centripetal pull, impulsive
+    jerks; ``config.n_steps`` points, ``config.canvas_length`` canvas pixels long) with
+    parameters ``anxiety, big_shake_prob, centripetal, gaussian_shake = max · U(0, 1)``.
+    An exposure fraction ``e ~ U(exposure_min, exposure_max)`` integrates its first part
+    (weights ``w_t = clip(e·(T−1) + 1 − t, 0, 1)``, as in `motion_path`); the exposed part
+    is then rasterised at a length drawn from ``config.length``. The exposure thus sets how
+    much of the shake's wandering the kernel shows, the length law how far the image moved.
+
+    Args:
+      config: a `BoracchiFoiConfig`.
+      key: PRNG key.
+
+    Returns:
+      a `Trajectory` (points in canvas pixels).
+
+    References:
+      G. Boracchi and A. Foi, "Modeling the performance of image restoration from motion
+      blur", IEEE TIP 21(8), 2012, Sec. II.
+    """
+    if not 0 < config.exposure_min <= config.exposure_max <= 1:
+        raise ValueError(f"need 0 < exposure_min <= exposure_max <= 1, got "
+                         f"{config.exposure_min}, {config.exposure_max}")
+    keys = jax.random.split(key, 7)
+    draw = functools.partial(jax.random.uniform, shape=(), dtype=jnp.float32)
+    path = shake_trajectory(
+        keys[0], n_steps=config.n_steps, max_length=config.canvas_length,
+        anxiety=config.anxiety_max * draw(keys[1]),
+        big_shake_prob=config.big_shake_prob_max * draw(keys[2]),
+        centripetal=config.centripetal_max * draw(keys[3]),
+        gaussian_shake=config.gaussian_shake_max * draw(keys[4]))
+    exposure = draw(keys[5], minval=config.exposure_min, maxval=config.exposure_max)
+    end = exposure * (config.n_steps - 1)
+    weights = jnp.clip(end + 1.0 - jnp.arange(config.n_steps, dtype=jnp.float32), 0.0, 1.0)
+    return Trajectory(path, weights, sample_length(config.length, key=keys[6]), exposure)
+
+
+@functools.lru_cache(maxsize=8)
+def _matern_factor(n_steps: int, duration: float, lengthscale: float, smoothness: float):
+    """``F`` with ``F Fᵀ = C``, the Matérn covariance of ``n_steps`` equally spaced times.
+
+    Computed once per setting in float64 numpy (a constant of the traced function): the
+    Cholesky factor of ``C + 10⁻⁹·I``. The Matérn matrix of a smooth process is numerically
+    singular (smallest eigenvalue ~10⁻⁷ for ν = 3/2 and ~10⁻¹¹ for ν = 5/2 at 512 samples,
+    l = 0.3); the jitter adds white noise of standard deviation 3·10⁻⁵ of the process's,
+    far below a pixel, and makes the factorisation succeed.
+    """
+    times = np.linspace(0.0, duration, n_steps)
+    distance = np.abs(times[:, None] - times[None, :]) / lengthscale
+    if smoothness == 1.5:
+        scaled = math.sqrt(3.0) * distance
+        covariance = (1.0 + scaled) * np.exp(-scaled)
+    elif smoothness == 2.5:
+        scaled = math.sqrt(5.0) * distance
+        covariance = (1.0 + scaled + scaled**2 / 3.0) * np.exp(-scaled)
+    else:
+        raise ValueError(f"smoothness (Matérn nu) must be 1.5 or 2.5, got {smoothness!r}")
+    return np.linalg.cholesky(covariance + 1e-9 * np.eye(n_steps)).astype(np.float32)
+
+
+def gaussian_process_trajectory(config: GaussianProcessConfig, *, key) -> Trajectory:
+    """A trajectory whose two coordinates are independent Matérn Gaussian processes.
+
+    ``y(t), x(t) ~ GP(0, k)`` at ``n_steps`` equally spaced times of ``[0, duration]``,
+
+        ν = 3/2:  k(d) = (1 + √3·d/l) · exp(−√3·d/l)
+        ν = 5/2:  k(d) = (1 + √5·d/l + 5d²/(3l²)) · exp(−√5·d/l)
+
+    (unit variance: the process's σ only scales the path, and `rasterise_trajectory` sets
+    its length from ``config.length``). Samples are uniform in time, so the kernel is
+    brighter where the path slows down, as in measured kernels.
+
+    Args:
+      config: a `GaussianProcessConfig`.
+      key: PRNG key.
+
+    Returns:
+      a `Trajectory` with unit weights and exposure 1.
+
+    References:
+      C. J. Schuler, M. Hirsch, S. Harmeling, B. Schölkopf, "Learning to deblur", IEEE
+      TPAMI 38(7), 2016 (Gaussian-process camera-shake trajectories); the deepinv
+      ``MotionBlurGenerator`` (``l = 0.3``, ``σ = 0.25`` over a unit exposure; its docstring
+      names ν = 3/2 while its formula is the ν = 5/2 one — both are available here).
+    """
+    if not (config.duration > 0 and config.lengthscale > 0):
+        raise ValueError(f"duration and lengthscale must be positive, got {config}")
+    factor = _matern_factor(config.n_steps, float(config.duration), float(config.lengthscale),
+                            float(config.smoothness))
+    path_key, length_key = jax.random.split(key)
+    noise = jax.random.normal(path_key, (config.n_steps, 2), jnp.float32)
+    points = jnp.matmul(factor, noise, precision=_HIGHEST)
+    return Trajectory(points, jnp.ones((config.n_steps,), jnp.float32),
+                      sample_length(config.length, key=length_key), jnp.float32(1.0))
+
+
+@functools.lru_cache(maxsize=8)
+def _spline_matrix(n_control: int, n_steps: int):
+    """``(n_steps, n_control)`` natural-cubic-spline interpolation weights on uniform knots."""
+    if not isinstance(n_control, int) or n_control < 2:
+        raise ValueError(f"n_control must be a Python int >= 2, got {n_control!r}")
+    knots = np.linspace(0.0, 1.0, n_control)
+    # A natural cubic spline is linear in the values it interpolates: interpolating the
+    # unit vectors gives the weights of every control point at every sample.
+    spline = scipy.interpolate.CubicSpline(knots, np.eye(n_control), bc_type="natural")
+    return spline(np.linspace(0.0, 1.0, n_steps)).astype(np.float32)
+
+
+def spline_trajectory(config: SplineConfig, *, key) -> Trajectory:
+    """A smooth random trajectory: a natural cubic spline through random control points.
+
+    ``n_control`` points uniform in the unit square, joined in the order drawn by the
+    natural cubic spline on uniform knots and sampled at ``n_steps`` uniform parameter
+    values; like a hand that slows down near the points where it turns, the kernel is
+    brighter where the samples crowd.
+
+    Args:
+      config: a `SplineConfig`.
+      key: PRNG key.
+
+    Returns:
+      a `Trajectory` with unit weights and exposure 1.
+
+    References:
+      A. Chakrabarti, "A neural approach to blind motion deblurring", ECCV 2016 (kernels
+      from splines through a few random points).
+    """
+    matrix = _spline_matrix(config.n_control, config.n_steps)
+    control_key, length_key = jax.random.split(key)
+    control = jax.random.uniform(control_key, (config.n_control, 2), jnp.float32)
+    points = jnp.matmul(matrix, control, precision=_HIGHEST)
+    return Trajectory(points, jnp.ones((config.n_steps,), jnp.float32),
+                      sample_length(config.length, key=length_key), jnp.float32(1.0))
+
+
+_TRAJECTORIES = {BoracchiFoiConfig: (0, boracchi_foi_trajectory),
+                 GaussianProcessConfig: (1, gaussian_process_trajectory),
+                 SplineConfig: (2, spline_trajectory)}
+
+
+def draw_kernel(config, size: int, *, key, splat_method: str = "scatter") -> KernelDraw:
+    """Draws one kernel from a family, or from the mixture of the three.
+
+    A `MixtureConfig` picks the family ``f ~ Categorical(weights / Σ weights)`` and then
+    draws from it (``lax.switch``; under ``vmap`` every family is computed and selected).
+
+    Args:
+      config: a `BoracchiFoiConfig`, `GaussianProcessConfig`, `SplineConfig` or
+        `MixtureConfig` (hashable: a static argument under ``jit``).
+      size: kernel side, odd (static).
+      key: PRNG key.
+      splat_method: see `tent_splat`.
+
+    Returns:
+      a `KernelDraw`.
+
+    Example:
+      >>> from jaxdeblur.configs import flow_prior
+      >>> config = generator_config("mixture", flow_prior.generator_settings("mixture"))
+      >>> keys = jax.random.split(jax.random.key(0), 8)
+      >>> jax.vmap(lambda k: draw_kernel(config, 19, key=k).kernel)(keys).shape
+      (8, 19, 19)
+    """
+    if isinstance(config, MixtureConfig):
+        weights = np.asarray(config.weights, np.float64)
+        if weights.shape != (3,) or weights.min() < 0 or weights.sum() <= 0:
+            raise ValueError(f"mixture weights must be 3 non-negative numbers, not all 0 "
+                             f"(order {FAMILIES}), got {config.weights!r}")
+        family_key, draw_key = jax.random.split(key)
+        family = jax.random.choice(family_key, 3, p=jnp.asarray(weights / weights.sum(),
+                                                                jnp.float32))
+        branches = [functools.partial(draw_kernel, getattr(config, name), size,
+                                      splat_method=splat_method) for name in FAMILIES]
+        return jax.lax.switch(family, [lambda k, b=b: b(key=k) for b in branches], draw_key)
+    if type(config) not in _TRAJECTORIES:
+        names = ", ".join(c.__name__ for c in _FAMILY_CONFIGS.values())
+        raise ValueError(f"config must be one of {names}, got {type(config).__name__}")
+    family, trajectory_fn = _TRAJECTORIES[type(config)]
+    trajectory = trajectory_fn(config, key=key)
+    kernel, fit_scale = rasterise_trajectory(trajectory, size, config.fit_size,
+                                             splat_method=splat_method)
+    return KernelDraw(kernel, trajectory.length, trajectory.exposure, fit_scale,
+                      jnp.int32(family))
+
+
+def generator_config(name: str, settings):
+    """The frozen config of generator ``name`` from a config section (`configs.as_dataclass`).
+
+    Args:
+      name: one of `FAMILIES` or ``"mixture"``.
+      settings: ConfigDict or mapping with every field of that config (nested
+        ``length`` sections; the mixture has one section per family and ``weights``).
+
+    Returns:
+      the frozen dataclass, hashable.
+    """
+    if name not in _FAMILY_CONFIGS:
+        raise ValueError(f"unknown kernel generator {name!r}; choose one of "
+                         f"{', '.join(_FAMILY_CONFIGS)} (or 'motion' for motion_kernel)")
+    from jaxdeblur import configs  # noqa: PLC0415 - configs imports nothing from here
+    return configs.as_dataclass(_FAMILY_CONFIGS[name], settings, "kernels.",
+                                source="jaxdeblur/configs/flow_prior.py")
+
+
+def kernel_sampler(generator: str, settings, size: int):
+    """``key -> (size, size)`` kernel for a named generator: the flow prior's data source.
+
+    Args:
+      generator: ``"motion"`` (`motion_kernel`, ``settings`` = its keyword arguments, the
+        generator of the shipped prior) or a name of `generator_config`.
+      settings: the config section of that generator.
+      size: kernel side, odd.
+
+    Returns:
+      a function of a PRNG key, ``jit``/``vmap``-able.
+    """
+    if generator == "motion":
+        kwargs = dict(settings.to_dict() if hasattr(settings, "to_dict") else settings)
+        return functools.partial(motion_kernel, size=size, **kwargs)
+    config = generator_config(generator, settings)
+    return lambda key: draw_kernel(config, size, key=key).kernel
+
+
+# --- Measured kernels -------------------------------------------------------------------------
+
+
+def _box_resample_matrix(mass, scale: float, offset: float, size: int):
+    """``(size, length)`` box-filter resampling: input pixel ``j`` (the interval
+    ``[j − ½, j + ½]``) is mapped to ``[offset + s·(j − ½), offset + s·(j + ½)]`` and gives
+    its mass to the output pixels ``[i − ½, i + ½]`` it overlaps, in proportion to the overlap
+    (an area-preserving resize; with ``s = 1`` a sub-pixel shift with bilinear shares).
+    ``mass`` is the input's marginal ``(length,)``; returns None if some of it would fall
+    outside ``[−½, size − ½]``."""
+    lower_in = offset + scale * (np.arange(len(mass)) - 0.5)
+    upper_in = lower_in + scale
+    occupied = np.flatnonzero(mass > 0)
+    # A tolerance keeps float rounding from putting 1e-16 of a pixel outside.
+    if (lower_in[occupied[0]] < -0.5 - 1e-9
+            or upper_in[occupied[-1]] > size - 0.5 + 1e-9):
+        return None
+    edges = np.arange(size) - 0.5
+    overlap = (np.minimum(upper_in[None, :], edges[:, None] + 1.0)
+               - np.maximum(lower_in[None, :], edges[:, None]))
+    return np.clip(overlap, 0.0, None) / scale
+
+
+def fit_kernel(kernel, size: int, *, fit_size: int, threshold: float) -> np.ndarray:
+    """Fits a measured kernel of any size into a ``size × size`` window.
+
+    1. Support: entries ``≤ threshold · max`` are set to 0 (the measurement floor), the
+       kernel is cropped to the bounding box of the rest and normalised to sum 1.
+    2. Fit: with ``c`` the centre of mass and ``R`` the largest distance, along a row or a
+       column, from ``c`` to the outer edge of a support pixel, the kernel is downscaled by
+       ``s = min(1, (fit_size/2) / R)`` with an area-preserving (box-filter) resize that
+       maps ``c`` onto the window centre and keeps the mass of every input pixel. A balanced
+       kernel then spans ``fit_size`` pixels (17 in a 19 window: a one-pixel border);
+       measuring from the centre of mass rather than the box lets a lopsided kernel (mass
+       piled at one end) be centred without clipping its tail.
+    3. Centre: a last sub-pixel shift with bilinear shares (mass and centre of mass move
+       exactly) removes the resize's rounding, so the centre of mass is the window centre
+       to float precision; it can spread a small share into the border pixels.
+
+    Generated kernels get the same fit (`rasterise_trajectory`), so statistics of generated
+    and measured kernels compare like for like.
+
+    Args:
+      kernel: ``(H, W)`` array, any size, non-negative, finite, not all zero (any sum).
+      size: window side, odd.
+      fit_size: ``≤ size``; 17 in a 19 window.
+      threshold: relative support threshold in ``[0, 1)``; 0 keeps every non-zero entry.
+
+    Returns:
+      ``(size, size)`` float32, non-negative, sum 1, centre of mass at the centre.
+
+    Raises:
+      ValueError: for a non-2-D, non-finite, negative or all-zero kernel, or bad sizes.
+
+    Example:
+      >>> line = np.zeros((41, 41)); line[20] = 1.0
+      >>> fitted = fit_kernel(line, 19, fit_size=17, threshold=0.02)
+      >>> fitted.shape, np.flatnonzero(fitted[9] > 1e-6).tolist() == list(range(1, 18))
+      ((19, 19), True)
+    """
+    _check_kernel_size(size)
+    if not isinstance(fit_size, int) or not 1 <= fit_size <= size:
+        raise ValueError(f"fit_size must be an int in [1, size={size}], got {fit_size!r}")
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"threshold must be in [0, 1), got {threshold!r}")
+    values = np.asarray(kernel, np.float64)
+    if values.ndim != 2 or min(values.shape) < 1:
+        raise ValueError(f"a measured kernel must be a non-empty 2-D array (H, W), got shape "
+                         f"{values.shape}; convert RGB kernels to one channel first")
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"the kernel has {np.sum(~np.isfinite(values))} NaN or infinite "
+                         "entries")
+    if values.min() < 0:
+        raise ValueError(f"the kernel has negative entries (min {values.min():.3g}); "
+                         "clip them to 0 first if they are estimation noise")
+    if values.max() <= 0:
+        raise ValueError(f"the kernel {values.shape} is all zero")
+    values = np.where(values > threshold * values.max(), values, 0.0)
+    rows = np.flatnonzero(values.any(axis=1))
+    cols = np.flatnonzero(values.any(axis=0))
+    values = values[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    values = values / values.sum()
+
+    def centre_of_mass(k):
+        return np.array([k.sum(1) @ np.arange(k.shape[0]), k.sum(0) @ np.arange(k.shape[1])])
+
+    com = centre_of_mass(values)
+    reach = 0.5 + max(com[0], values.shape[0] - 1 - com[0], com[1],
+                      values.shape[1] - 1 - com[1])
+    scale = min(1.0, fit_size / 2.0 / reach)
+    centre = (size - 1) / 2.0
+    while True:
+        matrices = [_box_resample_matrix(values.sum(1 - axis), scale,
+                                         centre - scale * com[axis], size) for axis in (0, 1)]
+        if all(m is not None for m in matrices):
+            window = matrices[0] @ values @ matrices[1].T
+            residual = centre - centre_of_mass(window)
+            matrices = [_box_resample_matrix(window.sum(1 - axis), 1.0, residual[axis], size)
+                        for axis in (0, 1)]
+            if all(m is not None for m in matrices):
+                window = matrices[0] @ window @ matrices[1].T
+                return (window / window.sum()).astype(np.float32)
+        # Only when the window has no border (fit_size = size) can the residual shift
+        # leave it: shrink a little more.
+        scale *= 0.97
+
+
+def kernel_variants(kernel):
+    """The 8 rotations and flips of kernels (the dihedral group of the square).
+
+    Rotations by 0°, 90°, 180°, 270° of the kernel and of its transpose. They keep a
+    kernel's sum, support and (for odd sizes) its centring; for augmenting the few measured
+    kernels that exist.
+
+    Args:
+      kernel: ``(..., k, k)`` array.
+
+    Returns:
+      ``(8, ..., k, k)``; index 0 is the kernel itself.
+    """
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim < 2 or kernel.shape[-1] != kernel.shape[-2]:
+        raise ValueError(f"kernels must be square (..., k, k), got shape {kernel.shape}")
+    transposed = jnp.swapaxes(kernel, -1, -2)
+    return jnp.stack([jnp.rot90(k, r, axes=(-2, -1))
+                      for k in (kernel, transposed) for r in range(4)])

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 
 from jaxdeblur import blur, kernels
 
@@ -231,3 +232,183 @@ def test_line_kernel_is_a_centred_normalised_line():
     np.testing.assert_allclose(k[7], k[7, ::-1], atol=1e-7)  # symmetric about the centre
     with pytest.raises(ValueError, match="length"):
         kernels.line_kernel(9, 9, 0.0)
+
+
+# --- Generators calibrated to measured camera shake, and fitting measured kernels ----------
+
+FAMILY_NAMES = kernels.FAMILIES + ("mixture",)
+
+
+def _family_config(name):
+    from jaxdeblur.configs import flow_prior
+    return kernels.generator_config(name, flow_prior.generator_settings(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _family_sampler(name):
+    config = _family_config(name)
+    return jax.jit(jax.vmap(lambda key: kernels.draw_kernel(config, SIZE, key=key)))
+
+
+@functools.lru_cache(maxsize=None)
+def _family_draws(name, seed=0):
+    # 200 draws: one compilation per family, shared by the tests below.
+    keys = jax.random.split(jax.random.key(seed), 200)
+    return jax.tree.map(np.asarray, _family_sampler(name)(keys))
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_generated_kernels_are_normalised_centred_and_fitted(name):
+    draws = _family_draws(name)
+    batch = draws.kernel
+    assert batch.shape == (200, SIZE, SIZE) and batch.dtype == np.float32
+    assert batch.min() >= 0.0
+    np.testing.assert_allclose(batch.sum((1, 2)), 1.0, atol=1e-5)
+    np.testing.assert_allclose(_centre_of_mass(batch), (SIZE - 1) / 2, atol=1e-3)
+    # The window fit (fit_size 17): the one-pixel border stays empty, and a path that was
+    # shrunk reaches the fit's edge.
+    assert batch[:, [0, -1], :].max() < 1e-6 and batch[:, :, [0, -1]].max() < 1e-6
+    assert np.all((draws.fit_scale > 0) & (draws.fit_scale <= 1))
+    shrunk = batch[draws.fit_scale < 0.999]
+    assert len(shrunk) > 20
+    edges = np.maximum(shrunk[:, [1, -2], :].max((1, 2)), shrunk[:, :, [1, -2]].max((1, 2)))
+    assert edges.min() > 0
+    # Trajectories that fill the window, not the compact scribbles of motion_kernel.
+    assert np.median(_spread(batch)) > 3.0
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_generated_kernels_are_reproducible_per_key(name):
+    first = _family_draws(name).kernel
+    again = _family_sampler(name)(jax.random.split(jax.random.key(0), 200))
+    np.testing.assert_array_equal(first, np.asarray(again.kernel))
+    other = _family_draws(name, seed=1).kernel
+    assert np.abs(first - other).sum((1, 2)).min() > 1e-3
+    assert np.abs(first[0] - first[1]).sum() > 1e-3
+
+
+def _truncated_log_normal_cdf(law):
+    mu, s = np.log(law.median), law.log_sigma
+    a, b = (np.log(law.minimum) - mu) / s, (np.log(law.maximum) - mu) / s
+    return lambda length: scipy.stats.truncnorm.cdf(np.log(length), a, b, loc=mu, scale=s)
+
+
+@pytest.mark.parametrize("name", kernels.FAMILIES)
+def test_drawn_lengths_follow_the_configured_law(name):
+    law = _family_config(name).length
+    lengths = _family_draws(name).length
+    assert scipy.stats.kstest(lengths, _truncated_log_normal_cdf(law)).pvalue > 0.01
+    # A law with a biting truncation, straight from the sampler.
+    narrow = kernels.LengthLaw(median=20.0, log_sigma=0.5, minimum=15.0, maximum=22.0)
+    samples = np.asarray(jax.jit(jax.vmap(lambda k: kernels.sample_length(narrow, key=k)))(
+        jax.random.split(jax.random.key(1), 2000)))
+    assert samples.min() >= 15.0 and samples.max() <= 22.0
+    assert scipy.stats.kstest(samples, _truncated_log_normal_cdf(narrow)).pvalue > 0.01
+
+
+def test_boracchi_foi_exposure_follows_the_configured_law():
+    config = _family_config("boracchi_foi")
+    exposure = _family_draws("boracchi_foi").exposure
+    uniform = scipy.stats.uniform(config.exposure_min, config.exposure_max - config.exposure_min)
+    assert scipy.stats.kstest(exposure, uniform.cdf).pvalue > 0.01
+
+
+def test_rasterised_length_is_the_drawn_length_times_the_fit():
+    # An unexposed tail (weight 0) must not count; a straight path is measured exactly.
+    points = jnp.stack([jnp.zeros(301), jnp.linspace(0.0, 3.0, 301)], axis=-1)
+    weights = jnp.where(jnp.arange(301) <= 200, 1.0, 0.0)
+    for length, fit in ((10.0, 1.0), (32.0, 16.0 / 32.0)):
+        trajectory = kernels.Trajectory(points, weights, jnp.float32(length), jnp.float32(1))
+        kernel, fit_scale = jax.jit(functools.partial(
+            kernels.rasterise_trajectory, size=SIZE, fit_size=17))(trajectory)
+        np.testing.assert_allclose(fit_scale, fit, rtol=1e-5)
+        row = np.asarray(kernel)[9]
+        np.testing.assert_allclose(row.sum(), 1.0, atol=1e-5)
+        support = np.flatnonzero(row > 1e-6)
+        np.testing.assert_allclose(support[-1] - support[0], length * fit, atol=2.0)
+
+
+def test_mixture_draws_families_in_the_configured_proportions():
+    config = _family_config("mixture")
+    counts = np.bincount(_family_draws("mixture").family, minlength=3)
+    expected = 200 * np.asarray(config.weights) / np.sum(config.weights)
+    assert scipy.stats.chisquare(counts, expected).pvalue > 0.01
+
+
+def test_kernel_sampler_serves_the_flow_prior_configs():
+    from jaxdeblur.configs import flow_prior
+    for generator, size in (("motion", 7), ("spline", SIZE)):
+        config = flow_prior.get_config(generator)
+        if generator == "motion":
+            config.kernels.n_steps = 100  # a quicker compilation; the path is the same
+        draw = kernels.kernel_sampler(config.generator, config.kernels, size)
+        batch = jax.jit(jax.vmap(draw))(jax.random.split(jax.random.key(0), 4))
+        assert batch.shape == (4, size, size)
+        np.testing.assert_allclose(batch.sum((1, 2)), 1.0, atol=1e-5)
+    assert flow_prior.get_config("mixture").kernels.weights == (0.4, 0.3, 0.3)
+    with pytest.raises(ValueError, match="unknown kernel generator"):
+        kernels.kernel_sampler("levin", {}, 19)
+    with pytest.raises(ValueError, match="missing"):
+        kernels.generator_config("spline", {"n_control": 4})
+
+
+def test_fit_kernel_fits_a_long_line_into_the_window():
+    line = np.zeros((41, 41))
+    line[20] = 3.0
+    fitted = kernels.fit_kernel(line, SIZE, fit_size=17, threshold=0.02)
+    assert fitted.shape == (SIZE, SIZE) and fitted.dtype == np.float32
+    np.testing.assert_allclose(fitted.sum(), 1.0, atol=1e-6)
+    np.testing.assert_allclose(_centre_of_mass(fitted), 9.0, atol=1e-5)
+    # 41 px -> 17 px by area: every output pixel holds 41/17 input pixels, so nothing is
+    # lost at the ends and the energy is spread evenly.
+    assert np.abs(np.delete(fitted, 9, axis=0)).max() < 1e-6
+    np.testing.assert_allclose(fitted[9, 1:18], 1.0 / 17.0, atol=1e-6)
+    assert fitted[9, [0, 18]].max() < 1e-6
+
+
+def test_fit_kernel_centres_a_lopsided_kernel_without_clipping_its_tail():
+    # A 60-px diagonal with most of its mass at one end: measured from the box centre it
+    # would fit, measured from its centre of mass it must shrink further.
+    kernel = np.zeros((60, 60))
+    kernel[np.arange(60), np.arange(60)] = 1.0
+    kernel[55:60, 55:60] += 4.0
+    fitted = kernels.fit_kernel(kernel, SIZE, fit_size=17, threshold=0.0)
+    np.testing.assert_allclose(fitted.sum(), 1.0, atol=1e-6)
+    np.testing.assert_allclose(_centre_of_mass(fitted), 9.0, atol=1e-5)
+    # The faint far end is inside the window (one pixel of sub-pixel spill at most) and
+    # the bright end near the centre.
+    assert fitted[:2, :2].sum() > 0.002
+    assert np.unravel_index(np.argmax(fitted), fitted.shape) >= (9, 9)
+
+
+def test_fit_kernel_keeps_a_small_centred_kernel_unchanged():
+    small = np.random.default_rng(0).uniform(size=(7, 7))
+    small = small + small[::-1, ::-1]  # centre of mass at the centre
+    fitted = kernels.fit_kernel(small, SIZE, fit_size=17, threshold=0.0)
+    np.testing.assert_allclose(fitted[6:13, 6:13], small / small.sum(), atol=1e-6)
+    # Entries below the threshold are the measurement floor: dropped.
+    floor = small.copy()
+    floor[0, 0] = 1e-3 * small.max()
+    small[0, 0] = 0.0
+    np.testing.assert_array_equal(kernels.fit_kernel(floor, SIZE, fit_size=17, threshold=0.01),
+                                  kernels.fit_kernel(small, SIZE, fit_size=17, threshold=0.0))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.ones((3, 3, 3)), "2-D"), (np.ones(5), "2-D"), (np.zeros((5, 5)), "all zero"),
+    (np.full((5, 5), np.nan), "NaN"), (-np.eye(5), "negative")])
+def test_fit_kernel_rejects_bad_kernels(bad, match):
+    with pytest.raises(ValueError, match=match):
+        kernels.fit_kernel(bad, SIZE, fit_size=17, threshold=0.02)
+
+
+def test_kernel_variants_are_the_eight_rotations_and_flips():
+    kernel = kernels.fit_kernel(np.random.default_rng(1).uniform(size=(9, 5)), SIZE,
+                                fit_size=17, threshold=0.0)
+    variants = np.asarray(kernels.kernel_variants(kernel))
+    assert variants.shape == (8, SIZE, SIZE)
+    np.testing.assert_array_equal(variants[0], kernel)
+    flat = variants.reshape(8, -1)
+    assert np.abs(flat[:, None] - flat[None]).sum(-1)[np.triu_indices(8, 1)].min() > 1e-3
+    np.testing.assert_allclose(_centre_of_mass(variants), 9.0, atol=1e-5)
+    np.testing.assert_allclose(variants.sum((1, 2)), 1.0, atol=1e-6)

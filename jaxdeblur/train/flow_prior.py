@@ -1,7 +1,8 @@
 """Trains the UFPNet / FKP motion-kernel flow prior on freshly synthesized kernels.
 
-Every step draws ``batch_size`` new kernels with `jaxdeblur.kernels.motion_kernel` inside
-the jitted step (the key is ``fold_in(root, step)``, so a resumed run sees exactly the
+Every step draws ``batch_size`` new kernels from the config's generator
+(`jaxdeblur.kernels.kernel_sampler`: ``motion_kernel`` by default, or a generator
+calibrated to measured shake) inside the jitted step (the key is ``fold_in(root, step)``, so a resumed run sees exactly the
 kernels an uninterrupted one would), dequantises them, maps them to logit space and takes
 one Adam step on the mean negative log-likelihood (train-mode batch-norm, running
 statistics updated). `train_and_evaluate` (``train_scripts/flow_prior.py``) writes to its
@@ -60,9 +61,8 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 
 def synthesize_kernels(key: jax.Array, n: int, config) -> jax.Array:
-    """``n`` motion kernels (n, k, k) from `jaxdeblur.kernels.motion_kernel`."""
-    draw = functools.partial(kernels_lib.motion_kernel, size=config.model.kernel_size,
-                             **config.kernels.to_dict())
+    """``n`` kernels (n, k, k) from the config's generator (`kernels.kernel_sampler`)."""
+    draw = kernels_lib.kernel_sampler(config.generator, config.kernels, config.model.kernel_size)
     return jax.vmap(draw)(jax.random.split(key, n))
 
 
