@@ -30,7 +30,8 @@ from jaxdeblur import blind, blur, configs, deconv, mcem
 
 __all__ = ["Restoration", "PhotoSettings", "settings_from_config", "luminance",
            "kernel_size_for", "PhotoResult", "deblur_uniform", "restore", "fingerprint",
-           "save_state", "load_state", "PhotoDeblurrer"]
+           "save_state", "load_state", "PhotoDeblurrer", "kernel_spread", "estimate_field",
+           "restore_field", "cell_centres"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,9 @@ class PhotoSettings:
       field_crop: side of the crop around each cell's centre its kernel is refined on.
       field_levels: the finest pyramid levels re-run for each cell, starting from the
         photo's kernel.
+      max_kernel_spread: an estimate with more non-zero taps than this many per pixel of
+        its side is not a camera-shake path but a diffuse cloud (`kernel_spread`): the
+        photo is then returned unchanged, with a warning, rather than made worse.
     """
     working_size: int
     kernel_size: int
@@ -81,6 +85,7 @@ class PhotoSettings:
     field_grid: tuple
     field_crop: int
     field_levels: int
+    max_kernel_spread: float
 
     def __post_init__(self):
         if (len(self.field_grid) != 2 or min(self.field_grid) < 1
@@ -146,6 +151,14 @@ def kernel_size_for(crop_hw: tuple[int, int], settings: PhotoSettings) -> int:
 _RESTORATION_WORK = 3
 
 
+def kernel_spread(kernel: np.ndarray) -> float:
+    """Non-zero taps per pixel of the kernel's side: a shake path of length L and width w
+    in a window of side ~L gives ~w·(L/side), 3–6 for real kernels (Lai's four: 3.3, 3.6,
+    4.4, 5.4 after `blind.clean_kernel`); a failed estimate spreads over the window."""
+    kernel = np.asarray(kernel)
+    return float((kernel > 0).sum() / kernel.shape[0])
+
+
 class PhotoResult(NamedTuple):
     restored: np.ndarray        # (H, W, C) float32 in [0, 1]
     kernel: np.ndarray          # (k, k), sum 1, cross-correlation convention
@@ -154,6 +167,7 @@ class PhotoResult(NamedTuple):
     uncertainty: Optional[np.ndarray]  # (H, W, C) posterior std with restorer "dip"
     kernels: Optional[np.ndarray] = None   # (G, k, k) the field with field_grid > (1, 1)
     centres: Optional[np.ndarray] = None   # (G, 2) their (y, x) in the photo
+    warning: Optional[str] = None          # set when the photo was returned unchanged
 
 
 def restore(blurry: np.ndarray, kernel: np.ndarray, settings: PhotoSettings,
@@ -235,6 +249,17 @@ def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
 
     estimate = blind.estimate_kernel(patch, estimation, progress=level_progress,
                                      resume=resume, on_state=on_state)
+    spread = kernel_spread(estimate.kernel)
+    if spread > settings.max_kernel_spread:
+        k = estimate.kernel.shape[0]
+        return PhotoResult(np.clip(image, 0, 1), estimate.kernel, crop, size, None,
+                           warning=f"no reliable kernel found: the {k}x{k} estimate is a "
+                           f"diffuse cloud ({spread:.1f} taps per pixel of its side, more "
+                           f"than max_kernel_spread = {settings.max_kernel_spread}); the "
+                           "photo is returned unchanged. A blur this large or this complex "
+                           "may need --set kernel_size=... (odd, the blur's extent in "
+                           "pixels) or a spatially varying estimate (--set "
+                           "'field_grid=(2,3)')")
     if tuple(settings.field_grid) != (1, 1):
         def cell_progress(index, count):
             if progress is not None:
@@ -408,6 +433,8 @@ class PhotoDeblurrer:
                "metrics": [], "kernel_size": k}
         if result.kernels is not None:
             out["kernels"], out["centres"] = result.kernels, result.centres
+        if result.warning is not None and self.progress is not None:
+            self.progress(f"warning: {result.warning}")
         if result.uncertainty is not None:
             out["uncertainty"] = result.uncertainty.mean(-1)
         if self.progress is not None:

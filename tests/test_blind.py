@@ -207,3 +207,20 @@ def test_kernel_field_follows_a_blur_that_changes_across_the_photo():
           f"{psnr(uniform.restored):.2f} dB, field {psnr(field.restored):.2f} dB")
     # Measured 24.70 dB blurry, 26.27 one kernel, 27.21 field (the true field: 32.74).
     assert psnr(field.restored) > psnr(uniform.restored) + 0.5
+
+
+def test_a_diffuse_estimate_leaves_the_photo_unchanged_with_a_warning():
+    """A shake path has few taps per pixel of its side, a cloud many; a photo whose estimate
+    is a cloud comes back unchanged, with a warning that says what to try."""
+    line = np.zeros((15, 15), np.float32)
+    line[7, 2:13] = 1
+    cloud = np.random.default_rng(0).random((15, 15)).astype(np.float32)
+    assert photo.kernel_spread(line) < 1 < 8 < photo.kernel_spread(cloud)
+    blurry, _ = _blurred(_stroke(9), 64)
+    settings = dataclasses.replace(
+        photo.settings_from_config(configs.load("photo", ["kernel_size=13",
+                                                          "estimation.iterations=2"])),
+        max_kernel_spread=0.01)
+    result = photo.deblur_uniform(blurry[..., None], settings)
+    np.testing.assert_array_equal(result.restored[..., 0], blurry)
+    assert "returned unchanged" in result.warning and "kernel_size" in result.warning
