@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.interpolate
 
+from jaxdeblur import configs
 from jaxdeblur.blur import per_pixel_blur
 
 # Exposure fractions of the public Boracchi-Foi generator: the PSF integrates the first
@@ -1060,7 +1061,6 @@ def generator_config(name: str, settings):
     if name not in _FAMILY_CONFIGS:
         raise ValueError(f"unknown kernel generator {name!r}; choose one of "
                          f"{', '.join(_FAMILY_CONFIGS)} (or 'motion' for motion_kernel)")
-    from jaxdeblur import configs  # noqa: PLC0415 - configs imports nothing from here
     return configs.as_dataclass(_FAMILY_CONFIGS[name], settings, "kernels.",
                                 source="jaxdeblur/configs/flow_prior.py")
 
