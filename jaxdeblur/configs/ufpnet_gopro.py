@@ -22,6 +22,13 @@ def get_config() -> ml_collections.ConfigDict:
         dec_blk_nums=(1, 1, 1, 1), kernel_size=19, ke_widths=(64, 128)))
     # Official test configs use TLC with the default train size 256x256 (windows 384..24).
     config.eval_tlc_train_size = (256, 256)
+    # Whole-image inference in row blocks of at most this many pixels (UFPNet fields
+    # flow_chunk_pixels, kernel_map_chunk_pixels; None = whole image at once). Not model
+    # fields: they change no parameter, so checkpoints do not record them. Measured
+    # (benchmarks/ufpnet_step.py --configs official --memory-only, XLA:CPU): 720p compiles
+    # to 3.66 GiB and 1080p to 7.91 GiB, against 15.09 and 36.44 GiB without blocks.
+    config.flow_chunk_pixels = 16384
+    config.kernel_map_chunk_pixels = 65536
     config.flow_checkpoint = "ours"
 
     config.data = ml_collections.ConfigDict(dict(
