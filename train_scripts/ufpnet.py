@@ -11,7 +11,11 @@ With no flags it loads the pretrained flow shipped with the package, builds the 
 III into ``<workdir>/stage3``, evaluates on the held-out split and prints the work dir and
 a summary. Rerunning the same command resumes both stages exactly. What it trains and
 writes: `jaxdeblur.train.ufpnet`. ``--tpu`` runs ``jax.distributed.initialize()`` first
-(every host runs the same command).
+(every host runs the same command). Several processes on one machine (each one host of a
+multi-host run, with its own share of every batch)::
+
+  python -m jaxdeblur.launch --processes 2 --local-devices 4 -- \
+      python train_scripts/ufpnet.py --workdir runs/ufpnet_2x4
 """
 
 import json

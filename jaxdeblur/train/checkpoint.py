@@ -4,7 +4,8 @@ One checkpoint step holds three items:
 
 * ``state``: the train state pytree (parameters, optimiser state, step, PRNG key, ...);
 * ``data``: the input pipeline's iterator state as JSON, so that a resumed run sees exactly
-  the batches an uninterrupted run would have seen;
+  the batches an uninterrupted run would have seen (in a multi-process run, every
+  process's own iterator state, `gather_json`);
 * ``meta``: a JSON dict with the run's configuration fingerprint, checked on restore so that
   a checkpoint written by another configuration is refused with a clear message instead of
   being half-loaded.
@@ -12,6 +13,11 @@ One checkpoint step holds three items:
 Orbax writes each step into a temporary directory and renames it when complete, so a run
 killed mid-save (SIGKILL, pre-emption) leaves the previous step intact; a step that is
 present but unreadable is reported, and ``restore`` falls back to the newest readable one.
+
+Several processes (a TPU pod slice, `jaxdeblur.launch`): every process constructs the
+manager and calls every ``save`` and ``restore`` (orbax synchronises them and writes each
+array shard once, the JSON items from process 0), so the run's directory holds one
+checkpoint, readable by any number of processes.
 
 For inference, checkpoints are also read without a target: `restore_newest_step` (a
 training run's newest state as saved, `find_variables` to pick the model variables out of
@@ -29,6 +35,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +65,26 @@ def config_fingerprint(config: Any) -> str:
         config = config.to_dict()
     text = json.dumps(config, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def gather_json(value: Any) -> list:
+    """Every process's ``value`` (JSON-serialisable), by process index.
+
+    A collective: every process must call it. Orbax writes JSON items from process 0
+    only, so per-process values (each process's input iterator) are gathered first.
+
+    Returns:
+      ``[value]`` in a single process.
+    """
+    if jax.process_count() == 1:
+        return [value]
+    text = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.asarray([text.size], np.int32))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:text.size] = text
+    gathered = multihost_utils.process_allgather(padded)
+    return [json.loads(row[:int(n)].tobytes()) for row, n in
+            zip(gathered, lengths.reshape(-1))]
 
 
 def _shape_summary(tree: Any) -> dict[str, list[int]]:
@@ -110,10 +137,17 @@ class CheckpointManager:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, *, data_state: Any = None, force: bool = False) -> bool:
-        """Saves ``state`` (and the iterator state) as step ``step``; returns whether it saved."""
+        """Saves ``state`` (and the iterator state) as step ``step``; returns whether it saved.
+
+        With several processes, every process calls it with its own ``data_state``; all
+        of them are stored (``process_iterators``) and each gets its own back on restore.
+        """
+        data = {"iterator": data_state}
+        if jax.process_count() > 1:
+            data["process_iterators"] = gather_json(data_state)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave({"iterator": data_state}),
+            data=ocp.args.JsonSave(data),
             meta=ocp.args.JsonSave(self._meta),
         )
         return self._manager.save(int(step), args=args, force=force)
@@ -182,10 +216,28 @@ class CheckpointManager:
                 continue
             _check_shapes(target, restored["state"], self.directory / str(candidate))
             data = restored["data"] or {}
-            return Restored(int(candidate), restored["state"], data.get("iterator"))
+            return Restored(int(candidate), restored["state"],
+                            _own_iterator(data, self.directory / str(candidate)))
         raise CheckpointError(
             f"no checkpoint under {self.directory} could be read:\n  " + "\n  ".join(errors) +
             "\nDelete the corrupt step directories, or start afresh with a new --workdir.")
+
+
+def _own_iterator(data: dict, where: pathlib.Path) -> Any:
+    """This process's iterator state from a checkpoint's ``data`` item (None: no state)."""
+    states = data.get("process_iterators")
+    if states is None:
+        states = [data.get("iterator")]
+    if all(state is None for state in states):
+        return None
+    if len(states) != jax.process_count():
+        # Each process reads its own shard of the records; another process count splits
+        # them differently, so no saved position fits.
+        raise CheckpointError(
+            f"checkpoint {where} was written by {len(states)} process(es), this run has "
+            f"{jax.process_count()}: the input iterators cannot resume exactly. Resume "
+            "with the same number of processes, or start afresh with a new --workdir.")
+    return states[jax.process_index()]
 
 
 def _looks_like_mismatch(err: Exception) -> bool:
@@ -279,7 +331,7 @@ def restore_newest_step(workdir: str | pathlib.Path) -> NewestStep:
                               "steps")
     step_dir = root / str(steps[0])
     try:
-        state = ocp.StandardCheckpointer().restore((step_dir / "state").resolve())
+        state = _restore_on_this_device((step_dir / "state").resolve())
     except Exception as err:  # noqa: BLE001 - orbax raises many types for bad files
         raise CheckpointError(f"cannot read checkpoint {step_dir}: {type(err).__name__}: "
                               f"{err}") from err
@@ -292,6 +344,20 @@ def restore_newest_step(workdir: str | pathlib.Path) -> NewestStep:
         except (ValueError, OSError, AttributeError):
             continue
     return NewestStep(step_dir, state, model_config)
+
+
+def _restore_on_this_device(directory: pathlib.Path) -> Any:
+    """A saved pytree restored as saved, every array on this process's first device.
+
+    Without a target orbax restores onto the devices that wrote the checkpoint, which a
+    run on 8 devices or several processes has and an inference process does not.
+    """
+    checkpointer = ocp.StandardCheckpointer()
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+        checkpointer.metadata(directory).item_metadata)
+    return checkpointer.restore(directory, target)
 
 
 def find_variables(tree: Any, required: tuple[str, ...]) -> dict | None:

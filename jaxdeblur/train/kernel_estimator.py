@@ -11,7 +11,10 @@ is trained (Adam); the flow's variables are passed as constants and get no updat
 ``eval_reblur_psnr`` and, where the data have ground-truth kernel fields,
 ``eval_kernel_l1``, the mean per-pixel L1 distance between estimated and true kernels),
 ``checkpoints/`` (orbax: train state + data-iterator state; rerunning resumes exactly) and
-``kernel_estimator.npz`` (the KE-Net parameters, flax names).
+``kernel_estimator.npz`` (the KE-Net parameters, flax names). With several processes
+(`jaxdeblur.train.mesh.initialize_distributed`) each process reads its own share of the
+global batch, all of them save the checkpoints together, and process 0 alone writes the
+files.
 
 This module also holds the set-up that stage III (`jaxdeblur.train.ufpnet`) reuses: flow,
 model, initial variables and batches. Data come from the caller as a `Data` (the train
@@ -238,9 +241,11 @@ def train_kernel_estimator(config, workdir, *, mesh, flow_variables, data: Data)
         log_every=stage2.log_every, eval_every=stage2.eval_every,
         checkpoint_every=stage2.checkpoint_every, next_batch=next_train_batch(it, mesh),
         data_state=it.get_state, evaluate=evaluate, sync_checkpoints=True, name="stage II")
-    np.savez(workdir / "kernel_estimator.npz",
-             **convert.flatten_variables({"kernel_extra": jax.device_get(state.ke_params)}))
-    return jax.device_get(state.ke_params)
+    ke_params = jax.device_get(state.ke_params)
+    if mesh_lib.is_primary():
+        np.savez(workdir / "kernel_estimator.npz",
+                 **convert.flatten_variables({"kernel_extra": ke_params}))
+    return ke_params
 
 
 def train_and_evaluate(config, workdir, *, data: Data, mesh=None) -> Any:

@@ -38,10 +38,18 @@ class MetricWriter:
       resume_step: when resuming from a checkpoint at this step, lines with a larger step
         (logged after that checkpoint by the interrupted run) are removed first. None keeps
         the file as it is (and creates it when absent).
+      enabled: False makes a writer that touches no file (``write`` still returns the
+        line): the other processes of a multi-process run, whose metrics process 0
+        writes once.
     """
 
-    def __init__(self, path: str | pathlib.Path, *, resume_step: int | None = None):
+    def __init__(self, path: str | pathlib.Path, *, resume_step: int | None = None,
+                 enabled: bool = True):
         self.path = pathlib.Path(path)
+        self.enabled = enabled
+        self._file = None
+        if not enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             kept = [line for line in read_metrics(self.path) if line.get("step", 0) <= resume_step]
@@ -56,12 +64,14 @@ class MetricWriter:
         """Writes one line (device arrays are fetched here, so call it only on log steps)."""
         line = {"step": int(step), "time": round(time.time(), 3)}
         line.update({k: _to_python(v) for k, v in metrics.items()})
-        self._file.write(json.dumps(line) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(line) + "\n")
+            self._file.flush()
         return line
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     def __enter__(self) -> "MetricWriter":
         return self

@@ -10,6 +10,9 @@ valid state to save. Signals therefore only set a flag; the loop stops between t
 saves the state it holds, and then delivers the signal again to the handler that was in
 place before (by default: SIGINT raises ``KeyboardInterrupt``, SIGTERM ends the process),
 so that a pre-empted run still ends as its supervisor asked, with its checkpoint on disk.
+Several processes (`jaxdeblur.launch`, a TPU pod slice) run the loop in lock-step: each
+calls every step, save and restore, they agree on a stop at the log steps, and process 0
+alone writes the metric log.
 """
 
 from __future__ import annotations
@@ -21,8 +24,13 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, TypeVar
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 from jaxdeblur.train import checkpoint as checkpoint_lib
 from jaxdeblur.train import logging as logging_lib
+from jaxdeblur.train import mesh as mesh_lib
 
 State = TypeVar("State")
 
@@ -48,6 +56,8 @@ def resume(state: State, workdir: str | os.PathLike, *, model_config: Any,
     structure), ``iterator`` (anything with ``set_state``, e.g. a grain iterator) is moved
     to where the checkpointed run was, and metric lines after that step (logged by the
     interrupted run past its last checkpoint) are dropped: they will be logged again.
+    In a multi-process run every process calls it (checkpoints are opened, saved and
+    restored together) and only process 0 writes the metric log.
 
     Args:
       state: the freshly initialised state (its shapes, dtypes and shardings are the
@@ -77,7 +87,8 @@ def resume(state: State, workdir: str | os.PathLike, *, model_config: Any,
     if metrics_path is None:
         metrics_path = os.path.join(workdir, "metrics.jsonl")
     writer = logging_lib.MetricWriter(metrics_path,
-                                      resume_step=None if restored is None else start)
+                                      resume_step=None if restored is None else start,
+                                      enabled=mesh_lib.is_primary())
     return Resumed(state, start, checkpoints, writer)
 
 
@@ -112,7 +123,8 @@ def train_loop(
 
     When the loop ends, by reaching ``num_steps`` or by a stop signal, after at least one
     step, a checkpoint of the current step is saved (forced) unless one exists. SIGINT
-    and SIGTERM received while the loop runs stop it after the step under way; their
+    and SIGTERM received while the loop runs stop it after the step under way (several
+    processes: after the next step ``s % log_every == 0``, every process together); their
     previous handlers are restored on return, and a stop is reported on stderr and then
     passed on to them (Python's defaults: ``KeyboardInterrupt``, end of the process).
     ``checkpoints`` and ``writer`` are closed on return (or on an exception).
@@ -165,7 +177,8 @@ def train_loop(
 
     step = start
     try:
-        while step < num_steps and not stop:
+        while step < num_steps and not _stop_agreed(stop, step % log_every == 0
+                                                     or step == start):
             if next_batch is None:
                 state, output = step_fn(state)
             else:
@@ -180,6 +193,8 @@ def train_loop(
                 evaluate(step, state)
             if step % checkpoint_every == 0:
                 save(step, force=sync_checkpoints)
+        # A signal that came after the last agreement must stop every process or none.
+        _stop_agreed(stop, True)
         if stop:
             print(f"stopped by {signal.Signals(stop[0]).name} at {name} step {step}",
                   file=sys.stderr, flush=True)
@@ -194,6 +209,27 @@ def train_loop(
     if stop:
         signal.raise_signal(stop[0])
     return state
+
+
+def _stop_agreed(stop: list[int], sync: bool) -> bool:
+    """Whether the loop stops before its next step.
+
+    One process: whether a stop signal came. Several: each may get the signal (or see
+    its flag) between different steps, yet all must stop after the same step, to save it
+    together and not wait for each other in the next step's collectives. They agree at
+    ``sync`` points (the log steps, where every process waits for the devices anyway): a
+    signal on any process stops all of them, and each records it in ``stop`` to end as
+    that signal asks.
+    """
+    if jax.process_count() == 1:
+        return bool(stop)
+    if not sync:
+        return False
+    signals = multihost_utils.process_allgather(np.asarray(stop[0] if stop else 0, np.int32))
+    received = int(np.max(signals))
+    if received and not stop:
+        stop.append(received)
+    return bool(received)
 
 
 def _catch_stop_signals(stop: list[int]) -> dict[int, Any]:

@@ -8,7 +8,9 @@ inputs, a synthetic example, and writes into ``workdir``: ``<name>_restored.png`
 ``summary.json`` records), ``summary.json`` and ``metrics_<group>.jsonl``. Checkpoints go
 to ``<workdir>/<group>/checkpoints`` every ``config.checkpoint_every`` EM iterations;
 running again resumes. A NaN or infinite data fit stops the run with `mcem.DataFitError`;
-the last good checkpoint is kept. With ``config.refine_iterations = N`` the cold refinement
+the last good checkpoint is kept. Several processes (a multi-host run, `jaxdeblur.launch`)
+split each batch between them and write one set of results (`deblur_group`).
+With ``config.refine_iterations = N`` the cold refinement
 phase follows the EM iterations; the progress bar and checkpoints count across both
 phases, so a finished run re-run with a larger N continues its refinement.
 
@@ -29,9 +31,12 @@ import numpy as np
 import skimage.data
 import skimage.transform
 
+from jax.experimental import multihost_utils
+
 from jaxdeblur import io, kernels, mcem, metrics, tiling
 from jaxdeblur.train import logging as logging_lib
 from jaxdeblur.train import loop as loop_lib
+from jaxdeblur.train import mesh as mesh_lib
 
 #: Config fields that decide the shapes of an MCEM state (a checkpoint's fingerprint); a
 #: resumed run may change iteration counts, step sizes or logging.
@@ -99,17 +104,52 @@ def read_inputs(paths: Sequence[str | pathlib.Path]) -> dict[str, np.ndarray]:
     return images
 
 
+def _process_rows_sharding(total: int) -> jax.sharding.NamedSharding:
+    """A batch of ``total`` rows split evenly over the processes, one device each.
+
+    MCEM states of different images never meet, so each process runs its own rows on its
+    own devices; this sharding only turns those rows into one global array, which every
+    process then saves together as one checkpoint (and restores from it).
+    """
+    count = jax.process_count()
+    if total % count:
+        raise ValueError(f"{total} rows cannot be split evenly over {count} processes")
+    devices = [min((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
+               for p in range(count)]
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+
+def _gather_rows(local: np.ndarray) -> np.ndarray:
+    """Every process's rows of a batch array, in process order (a collective)."""
+    if jax.process_count() == 1:
+        return np.asarray(local)
+    return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
+
+
 def deblur_group(batch: np.ndarray, config, workdir: str | pathlib.Path, key: jax.Array, *,
                  shard: bool = True) -> mcem.MCEMResult:
     """MCEM on a batch of same-size images (B, H, W, C), checkpointed under
     ``workdir/<H>x<W>x<C>``; resumes from the newest checkpoint there.
+
+    Several processes (`jaxdeblur.train.mesh.initialize_distributed`): every process calls
+    it with the whole batch and deblurs its own contiguous share of the images (image b
+    keeps key b, so the results are those of one process) on its own devices; the
+    batch is padded with copies of its last image to a multiple of the process count.
+    The checkpoints hold the whole batch's state as one orbax checkpoint that all
+    processes save together, data fits and results are gathered, and process 0 writes the
+    metric log.
 
     Args:
       batch: the blurry images.
       config: an MCEM config (`jaxdeblur.configs`, ``mcem``).
       workdir: the run directory.
       key: the group's key (split once per image).
-      shard: split the batch over every device when it divides evenly.
+      shard: split the batch (this process's share) over this process's devices when it
+        divides evenly.
+
+    Returns:
+      The `mcem.MCEMResult` of the whole batch, on every process.
 
     Raises:
       mcem.DataFitError: the data fit became NaN or infinite; the message names the last
@@ -118,33 +158,61 @@ def deblur_group(batch: np.ndarray, config, workdir: str | pathlib.Path, key: ja
     workdir = pathlib.Path(workdir)
     group = "x".join(str(n) for n in batch.shape[1:])
     model = mcem.build_model(batch.shape[1:], config)
-    keys = jax.random.split(key, len(batch))
+    size, count, index = len(batch), jax.process_count(), jax.process_index()
+    keys = jax.random.split(key, size)
+    padded = -(-size // count) * count
+    if padded > size:
+        batch = np.concatenate([batch, np.repeat(batch[-1:], padded - size, axis=0)])
+        keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], padded - size, axis=0)])
+    share = padded // count
+    mine = slice(index * share, (index + 1) * share)
+    batch, keys = batch[mine], keys[mine]
     target = jax.tree.map(lambda *xs: jnp.stack(xs),
                           *[mcem.init_state(model, key=k) for k in keys])
     shapes = {k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
               for k in SHAPE_FIELDS}
+    if padded > size:
+        shapes["padded_batch"] = padded
+    if count == 1:
+        to_saved = jax.device_get
+    else:
+        rows = _process_rows_sharding(padded)
+
+        def to_saved(local):
+            return jax.tree.map(
+                lambda x: jax.make_array_from_process_local_data(rows, np.asarray(x)),
+                jax.device_get(local))
+
     state, start, ckpt, writer = loop_lib.resume(
-        target, workdir / group, model_config=shapes, max_to_keep=2,
+        target if count == 1 else to_saved(target), workdir / group, model_config=shapes,
+        max_to_keep=2,
         metrics_path=workdir / f"metrics_{group}.jsonl")
+    if count > 1:
+        state = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state)
     if start:
         print(f"[{group}] resuming from EM iteration {start}")
     mesh = None
-    if shard and jax.device_count() > 1 and len(batch) % jax.device_count() == 0:
-        mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                             axis_types=(jax.sharding.AxisType.Auto,))
+    local = jax.local_devices()
+    if shard and len(local) > 1 and share % len(local) == 0:
+        mesh = jax.sharding.Mesh(np.asarray(local), ("data",),
+                                 axis_types=(jax.sharding.AxisType.Auto,))
     total = mcem.total_iterations(config)
     bar = logging_lib.progress(total=total, initial=start, desc=f"MCEM {group}",
-                               disable=False)
+                               disable=not mesh_lib.is_primary())
+    history = []
 
     def callback(it, st, fit):
+        fit = _gather_rows(fit)[:size]
+        history.append((it, fit.tolist()))
         bar.update(it - bar.n)
         bar.set_postfix_str(f"data_fit={float(np.mean(fit)):.3e}")
         writer.write(it, {"data_fit": fit})
         if it % config.checkpoint_every == 0 or it == total:
-            ckpt.save(it, jax.device_get(st))  # host copy: the next step donates st
+            ckpt.save(it, to_saved(st))  # host copy first: the next step donates st
 
     try:
-        return mcem.deblur(batch, config, key=keys, mesh=mesh, state=state, callback=callback)
+        result = mcem.deblur(batch, config, key=keys, mesh=mesh, state=state,
+                             callback=callback)
     except mcem.DataFitError as err:
         ckpt.close()
         raise mcem.DataFitError(
@@ -154,6 +222,10 @@ def deblur_group(batch: np.ndarray, config, workdir: str | pathlib.Path, key: ja
         bar.close()
         writer.close()
         ckpt.close()
+    return result._replace(
+        image=_gather_rows(result.image)[:size], kernels=_gather_rows(result.kernels)[:size],
+        uncertainty=_gather_rows(result.uncertainty)[:size],
+        data_fit=_gather_rows(result.data_fit)[:size], history=history)
 
 
 def deblur_files(config, workdir: str | pathlib.Path,
@@ -161,7 +233,9 @@ def deblur_files(config, workdir: str | pathlib.Path,
     """Deblurs image files and folders (or, without ``inputs``, `synthetic_example`).
 
     Same-size images form one batch (`deblur_group`). Writes the images, ``summary.json``
-    and metric logs described in the module docstring into ``workdir``.
+    and metric logs described in the module docstring into ``workdir``. With several
+    processes, every process reads the inputs and deblurs its share of each batch; the
+    results are gathered and process 0 writes the files.
 
     Args:
       config: an MCEM config (`jaxdeblur.configs`, ``mcem``).
@@ -174,6 +248,7 @@ def deblur_files(config, workdir: str | pathlib.Path,
       The summary written to ``summary.json``.
     """
     workdir = pathlib.Path(workdir)
+    primary = mesh_lib.is_primary()
     workdir.mkdir(parents=True, exist_ok=True)
     if inputs:
         images, sharp = read_inputs(inputs), {}
@@ -192,12 +267,13 @@ def deblur_files(config, workdir: str | pathlib.Path,
         seconds = time.time() - t0
         for i, name in enumerate(names):
             restored, std = result.image[i], result.uncertainty[i]
-            io.write_image(workdir / f"{name}_restored.png", restored)
-            io.write_image(workdir / f"{name}_kernels.png",
-                           kernel_grid_image(result.kernels[i], result.grid))
             std_max = float(std.max())
-            io.write_image(workdir / f"{name}_uncertainty.png",
-                           std.mean(-1) / max(std_max, 1e-12))
+            if primary:
+                io.write_image(workdir / f"{name}_restored.png", restored)
+                io.write_image(workdir / f"{name}_kernels.png",
+                               kernel_grid_image(result.kernels[i], result.grid))
+                io.write_image(workdir / f"{name}_uncertainty.png",
+                               std.mean(-1) / max(std_max, 1e-12))
             entry = {"shape": list(shape), "grid": list(result.grid),
                      "data_fit": float(result.data_fit[i]), "uncertainty_max": std_max,
                      "uncertainty_mean": float(std.mean()), "seconds_for_batch": seconds,
@@ -205,11 +281,13 @@ def deblur_files(config, workdir: str | pathlib.Path,
             if name in sharp:
                 entry["psnr_blurry"] = float(metrics.psnr(images[name], sharp[name]))
                 entry["psnr_restored"] = float(metrics.psnr(restored, sharp[name]))
-                print(f"{name}: PSNR blurry {entry['psnr_blurry']:.2f} dB -> restored "
-                      f"{entry['psnr_restored']:.2f} dB ({seconds:.0f} s)")
+                if primary:
+                    print(f"{name}: PSNR blurry {entry['psnr_blurry']:.2f} dB -> restored "
+                          f"{entry['psnr_restored']:.2f} dB ({seconds:.0f} s)")
             summary["images"][name] = entry
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(f"wrote {workdir / 'summary.json'}")
+    if primary:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        print(f"wrote {workdir / 'summary.json'}")
     return summary
 
 

@@ -14,7 +14,10 @@ their updates to zero (``optax.multi_transform`` + ``set_to_zero``), so weight d
 not shrink them either.
 
 Data parallelism: ``jax.jit`` over a one-axis ``data`` mesh; the global batch is split over
-all devices, parameters and optimiser state are replicated, the state is donated.
+all devices, parameters and optimiser state are replicated, the state is donated. Several
+processes (a TPU pod slice, `jaxdeblur.launch`): each reads its own share of the global
+batch (``data.train_iterator``), every process takes part in every step and checkpoint,
+and process 0 alone writes the files below.
 
 Writes: ``stage{2,3}/metrics.jsonl`` (JSON lines), ``stage{2,3}/checkpoints/``,
 ``stage3/samples/step_<n>_<i>.png`` (blurry | restored | sharp), ``stage3/ufpnet.npz``
@@ -139,7 +142,7 @@ def evaluate(config, restore, state: TrainState, batches, workdir: pathlib.Path,
         scores["psnr"].append(float(metrics_lib.psnr_uint8(restored, sharp)))
         scores["ssim_blurry"].append(float(metrics_lib.ssim_uint8(blurry, sharp)))
         scores["ssim"].append(float(metrics_lib.ssim_uint8(restored, sharp)))
-        if i < config.num_sample_images:
+        if i < config.num_sample_images and mesh_lib.is_primary():
             path = workdir / "samples" / f"step_{step:07d}_{i}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.concatenate([_to_uint8(a) for a in (blurry, restored, sharp)],
@@ -194,7 +197,8 @@ def train_ufpnet(config, workdir, *, mesh, flow_variables, ke_params,
         data_state=it.get_state, on_log=record_loss, log_first_step=True, evaluate=run_eval,
         sync_checkpoints=True, name="stage III")
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-    np.savez(workdir / "ufpnet.npz", **convert.flatten_variables(variables))
+    if mesh_lib.is_primary():
+        np.savez(workdir / "ufpnet.npz", **convert.flatten_variables(variables))
     if len(logged) >= 4:
         # Single-batch losses vary with the crop; compare the means of the first and last
         # quarter of the logged steps of this run.
@@ -222,14 +226,17 @@ def train_and_evaluate(config, workdir, *, data: kernel_estimator.Data, mesh=Non
     flow_variables = kernel_estimator.load_flow_variables(config)
     ke_params = kernel_estimator.train_kernel_estimator(
         config, workdir / "stage2", mesh=mesh, flow_variables=flow_variables, data=data)
-    stage2 = [line for line in logging_lib.read_metrics(workdir / "stage2" / "metrics.jsonl")
-              if "eval_reblur_psnr" in line]
+    stage2_metrics = workdir / "stage2" / "metrics.jsonl"
+    # Process 0 writes the metric logs; the other processes of a run may not see them.
+    stage2 = [line for line in logging_lib.read_metrics(stage2_metrics)
+              if "eval_reblur_psnr" in line] if stage2_metrics.exists() else []
     summary = {"workdir": str(workdir),
                "stage2_eval_first": stage2[0] if stage2 else None,
                "stage2_eval_last": stage2[-1] if stage2 else None}
     summary.update(train_ufpnet(config, workdir / "stage3", mesh=mesh,
                                 flow_variables=flow_variables, ke_params=ke_params, data=data))
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if mesh_lib.is_primary():
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
