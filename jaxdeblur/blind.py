@@ -483,8 +483,8 @@ def estimate_kernel(blurry: np.ndarray, settings: KernelEstimation, *,
     for index, level in enumerate(levels):
         if resume is not None and index < resume.level:
             continue
-        y = (blurry if level.factor == 1 else
-             np.asarray(_resize_image(blurry, level.shape)))
+        y = (jnp.asarray(blurry) if level.factor == 1 else
+             _resize_image(blurry, level.shape))
         pad = (_fast(y.shape[0] + level.kernel_size) - y.shape[0],
                _fast(y.shape[1] + level.kernel_size) - y.shape[1])
         if resume is not None and index == resume.level and resume.iteration > 0:
@@ -504,7 +504,7 @@ def estimate_kernel(blurry: np.ndarray, settings: KernelEstimation, *,
                 progress(index, len(levels), level, iteration)
             mu = dark / settings.dark_start
             raw, latent = _alternation(
-                jnp.asarray(y), jnp.asarray(kernel), jnp.float32(lam), jnp.float32(fraction),
+                y, jnp.asarray(kernel), jnp.float32(lam), jnp.float32(fraction),
                 jnp.float32(dark),
                 num_beta=jnp.int32(_num_beta(lam, settings.beta_max)),
                 num_dark=jnp.int32(_num_steps(mu, settings.dark_beta_max)),
