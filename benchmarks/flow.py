@@ -3,9 +3,10 @@
 Measures kernels per second through ``latent_to_kernel`` (latent -> kernel, eval mode, the
 direction UFPNet uses for every pixel) and ``log_prob`` (kernel -> log-density, eval mode)
 at one batch size, on the CPU, with the official pretrained weights loaded into both. The
-PyTorch side is the official architecture (``Flow_arch.KernelPrior``) rebuilt here from
-its formulas (shared/fixtures/README.md) and loaded strictly with the same state dict. The
-first call of each function (JAX compilation, PyTorch warm-up) is excluded.
+PyTorch side is the official architecture (``Flow_arch.KernelPrior``) as rebuilt from its
+formulas (shared/fixtures/README.md) in ``benchmarks/torch_ufpnet.py`` and loaded strictly
+with the same state dict. The first call of each function (JAX compilation, PyTorch warm-up)
+is excluded.
 
 Usage::
 
@@ -30,9 +31,12 @@ rotations/flips (`jaxdeblur.kernels.kernel_variants`), and its NLL — computed 
 ``--compare`` does (dequantisation ``U(0, 1)/720``, logit space, eval mode, nats per
 kernel) — is averaged over the 8 variants and over 8 dequantisation draws, the same
 draws for both priors. ``--cross-family`` scores both priors on ``--n`` samples of each
-kernel generator of ``benchmarks/kernel_stats.py --families`` the same way::
+kernel generator of ``benchmarks/kernel_stats.py --families`` the same way, and
+``--family-prior FAMILY=PREFIX`` (repeatable) adds priors trained on one generator each to
+both tables, with the shipped prior's distance to the best of them per family::
 
   python benchmarks/flow.py --real ../shared/data/lai/kernel_npy [--cross-family]
+      [--family-prior spline=runs/flow_prior_spline/flow_prior ...]
 """
 
 from __future__ import annotations
@@ -61,99 +65,15 @@ _DEFAULT_WEIGHTS = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "fi
 
 def torch_kernel_prior(state_dict: dict, n_blocks: int, hidden_size: int, n_hidden: int,
                        kernel_size: int):
-    """The official ``KernelPrior`` (RealNVP, FKP) in PyTorch, loaded strictly."""
+    """The official ``KernelPrior`` (RealNVP, FKP) in PyTorch, loaded strictly, eval mode.
+
+    `torch_ufpnet.KernelPrior` (the flow of the PyTorch UFPNet reference); torch is imported
+    here, not at module level, so the JAX-only modes run without it.
+    """
     import torch
-    from torch import nn
+    import torch_ufpnet
 
-    class Coupling(nn.Module):
-        def __init__(self, d, h, mask):
-            super().__init__()
-            self.register_buffer("mask", mask)
-
-            def mlp(act):
-                layers = [nn.Linear(d, h)]
-                for _ in range(n_hidden):
-                    layers += [act(), nn.Linear(h, h)]
-                return nn.Sequential(*layers, act(), nn.Linear(h, d))
-
-            self.s_net, self.t_net = mlp(nn.Tanh), mlp(nn.ReLU)
-
-        def forward(self, x):  # data -> latent
-            mx = x * self.mask
-            s, t = self.s_net(mx), self.t_net(mx)
-            return mx + (1 - self.mask) * (x - t) * torch.exp(-s), -(1 - self.mask) * s
-
-        def inverse(self, u):
-            mu = u * self.mask
-            s, t = self.s_net(mu), self.t_net(mu)
-            return mu + (1 - self.mask) * (u * s.exp() + t), (1 - self.mask) * s
-
-    class BatchNorm(nn.Module):
-        def __init__(self, d, eps=1e-5):
-            super().__init__()
-            self.eps = eps
-            self.log_gamma = nn.Parameter(torch.zeros(d))
-            self.beta = nn.Parameter(torch.zeros(d))
-            self.register_buffer("running_mean", torch.zeros(d))
-            self.register_buffer("running_var", torch.ones(d))
-
-        def forward(self, x):  # eval mode only
-            x_hat = (x - self.running_mean) / torch.sqrt(self.running_var + self.eps)
-            y = self.log_gamma.exp() * x_hat + self.beta
-            ld = self.log_gamma - 0.5 * torch.log(self.running_var + self.eps)
-            return y, ld.expand_as(x)
-
-        def inverse(self, y):
-            x_hat = (y - self.beta) * torch.exp(-self.log_gamma)
-            x = x_hat * torch.sqrt(self.running_var + self.eps) + self.running_mean
-            ld = 0.5 * torch.log(self.running_var + self.eps) - self.log_gamma
-            return x, ld.expand_as(x)
-
-    class KernelPrior(nn.Module):
-        def __init__(self):
-            super().__init__()
-            d = kernel_size**2
-            for name, value in (("kernel_size", [float(kernel_size)]), ("alpha", [1e-6]),
-                                ("normalization", [1.0])):
-                self.register_buffer(name, torch.tensor(value))
-            self.register_buffer("base_dist_mean", torch.zeros(d))
-            self.register_buffer("base_dist_var", torch.ones(d))
-            mask = torch.arange(d).float() % 2
-            layers = []
-            for _ in range(n_blocks):
-                layers += [Coupling(d, hidden_size, mask), BatchNorm(d)]
-                mask = 1 - mask
-            self.net = nn.ModuleList(layers)
-
-        def forward(self, x):
-            total = 0
-            for layer in self.net:
-                x, ld = layer(x)
-                total = total + ld
-            return x, total.sum(1)
-
-        def inverse(self, u):
-            total = 0
-            for layer in reversed(self.net):
-                u, ld = layer.inverse(u)
-                total = total + ld
-            return u, total.sum(1)
-
-        def post_process(self, x):
-            k = x.view(-1, 1, kernel_size, kernel_size)
-            return (torch.sigmoid(k) - self.alpha) / (1 - 2 * self.alpha) * self.normalization
-
-        def pre_process(self, k):
-            k = k.reshape(k.shape[0], -1) / self.normalization
-            k = self.alpha + (1 - 2 * self.alpha) * k
-            return torch.log(k) - torch.log1p(-k)
-
-        def log_prob(self, x):
-            u, log_det = self.forward(x)
-            base = torch.distributions.Normal(self.base_dist_mean, self.base_dist_var)
-            return base.log_prob(u).sum(1) + log_det, u
-
-    model = KernelPrior()
+    model = torch_ufpnet.KernelPrior(n_blocks, hidden_size, n_hidden, kernel_size)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()},
                           strict=True)
     return model.eval()
@@ -181,8 +101,8 @@ def compare_priors(official_weights: str, ours: str, png: str, n_samples: int = 
               "official": flow.load_pretrained(official_weights)}
     x_eval = flow_training.held_out_set(priors["ours"][0], config)
     z = jax.random.normal(jax.random.key(config.sample_seed), (n_samples, x_eval.shape[1]))
-    print(f"# held-out NLL: {config.num_eval_kernels} kernels of jaxdeblur.kernels."
-          f"motion_kernel (eval_seed {config.eval_seed}), dequantised, logit space, "
+    print(f"# held-out NLL: {config.num_eval_kernels} kernels of the config's generator "
+          f"{config.generator!r} (eval_seed {config.eval_seed}), dequantised, logit space, "
           "eval mode; nats per kernel (lower is better)")
     print(f"{'prior':<10} {'mean NLL':>10} {'median':>10} {'sample sum mean +- std':>24}")
     fig, axes = plt.subplots(1, 2, figsize=(12, 6.4))
@@ -229,11 +149,26 @@ def dequantized_nll(module, variables, kernels: np.ndarray, *, key: jax.Array, s
 
 
 def real_kernel_nll(directory: str, official_weights: str, ours: str, cross_family: bool,
-                    n: int, draws: int = 8) -> None:
-    """``--real`` / ``--cross-family``: see the module docstring."""
+                    n: int, draws: int = 8, family_priors: tuple = ()) -> None:
+    """``--real`` / ``--cross-family``: see the module docstring.
+
+    ``family_priors``: ``("family=path_prefix", ...)`` priors trained on one generator each
+    (`jaxdeblur.flow.load_flow` prefixes, e.g. ``runs/flow_prior_spline/flow_prior``); they
+    join both tables, and the cross-family table then gives, for each of their families,
+    how far the shipped prior's NLL lies above the best of them (the "one prior for every
+    family" check).
+    """
     config = configs.load("flow_prior")
     priors = {"shipped": flow.load_pretrained() if ours == "ours" else flow.load_flow(ours),
               "official": flow.load_pretrained(official_weights)}
+    singles = []
+    for item in family_priors:
+        family, sep, prefix = item.partition("=")
+        if not sep or family not in kernel_stats.FAMILY_NAMES:
+            raise SystemExit(f"--family-prior takes FAMILY=PREFIX with FAMILY one of "
+                             f"{kernel_stats.FAMILY_NAMES}, got {item!r}")
+        priors[family] = flow.load_flow(prefix)
+        singles.append(family)
     size = priors["shipped"][0].kernel_size
     key = jax.random.key(config.eval_seed)
     scale = config.dequantization_scale
@@ -262,12 +197,19 @@ def real_kernel_nll(directory: str, official_weights: str, ours: str, cross_fami
         return
     print(f"\n# NLL of {n} samples of each generator (seed {config.eval_seed}), "
           f"{draws} dequantisation draws, same conventions")
-    print(f"\n| generator | {' | '.join(f'{name} prior' for name in priors)} |")
-    print("|---" * (1 + len(priors)) + "|")
+    extra = " | shipped vs best single-family |" if singles else " |"
+    print(f"\n| generator | {' | '.join(f'{name} prior' for name in priors)}{extra}")
+    print("|---" * (1 + len(priors) + bool(singles)) + "|")
     for family in kernel_stats.FAMILY_NAMES:
         samples = kernel_stats.family_samples(family, n, config.eval_seed, size)["kernel"]
-        cells = [f"{dequantized_nll(m, v, samples, key=key, scale=scale, draws=draws).mean():.1f}"
-                 for m, v in priors.values()]
+        nll = {p: dequantized_nll(m, v, samples, key=key, scale=scale, draws=draws).mean()
+               for p, (m, v) in priors.items()}
+        cells = [f"{value:.1f}" for value in nll.values()]
+        if singles and family in singles:
+            best = min(nll[p] for p in singles)
+            cells.append(f"{100 * (nll['shipped'] - best) / abs(best):+.1f}%")
+        elif singles:
+            cells.append("–")
         print(f"| {family} | {' | '.join(cells)} |")
 
 
@@ -286,6 +228,9 @@ def main() -> None:
                         help="NLL of both priors on the measured kernels (*.npy, *.png) in DIR")
     parser.add_argument("--cross-family", action="store_true",
                         help="with --real: also the NLL on samples of each kernel generator")
+    parser.add_argument("--family-prior", action="append", default=[], metavar="FAMILY=PREFIX",
+                        help="with --real: a prior trained on one generator family "
+                             "(load_flow prefix); repeatable")
     parser.add_argument("--n", type=int, default=1000,
                         help="with --cross-family: samples per generator")
     parser.add_argument("--threads", type=int, default=1,
@@ -303,7 +248,8 @@ def main() -> None:
         compare_priors(args.weights, args.ours, args.png)
         return
     if args.real:
-        real_kernel_nll(args.real, args.weights, args.ours, args.cross_family, args.n)
+        real_kernel_nll(args.real, args.weights, args.ours, args.cross_family, args.n,
+                        family_priors=tuple(args.family_prior))
         return
 
     import torch
@@ -327,7 +273,7 @@ def main() -> None:
 
     with torch.no_grad():
         def torch_to_kernel():
-            return reference.post_process(reference.inverse(z_t)[0])
+            return reference.post_process(reference.inverse(z_t, log_det=True)[0])
 
         def torch_log_prob():
             return reference.log_prob(reference.pre_process(k_t))[0]

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdeblur import configs
+from jaxdeblur.configs import flow_prior as flow_prior_config
 from jaxdeblur import flow as flow_lib
 from jaxdeblur.train import checkpoint as checkpoint_lib
 from jaxdeblur.train import flow_prior
@@ -12,7 +12,7 @@ from jaxdeblur.train import logging as logging_lib
 
 
 def _tiny_config(num_steps):
-    config = configs.load("flow_prior")
+    config = flow_prior_config.get_config("motion")   # the cheapest generator
     config.model.update(kernel_size=7, n_blocks=2, hidden_size=8)
     config.kernels.update(canvas=16, n_steps=100, max_length=12.0)
     config.batch_size = 8

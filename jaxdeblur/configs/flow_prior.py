@@ -3,32 +3,34 @@
 Command (the run that produced the shipped prior ``jaxdeblur/assets/flow_prior.*``)::
 
   python train_scripts/flow_prior.py --config jaxdeblur/configs/flow_prior.py \
-      --workdir runs/flow_prior --config.num_steps=25000
+      --workdir runs/flow_prior_mixture --config.num_steps=10000
 
-Result: 25,000 steps (epoch 50, 2.5 M fresh kernels; lr halved once, at step 20,000) in
-about 44 minutes of wall time on the 2-core development CPU, shared with other jobs
-(~0.1 s per step). Mean eval-mode negative log-likelihood on the 2,000 held-out kernels
-(``eval_seed``; nats per kernel, logit space, the training objective): 491.8 at step
-25,000 (504.7 at 2,500, 498.3 at 10,000, 493.3 at 20,000); the official UFPNet prior
-(``flow_motion.npz``, converted) scores 564.5 on the same kernels — it was trained on
-another kernel generator. ``python benchmarks/flow.py --compare`` reproduces both figures
-and ``docs/flow_samples.png``. The full official recipe runs to epoch 62 (31,500 steps,
-the default ``num_steps``); the learning-rate schedule does not depend on ``num_steps``,
-so a shorter run is a prefix of the full one (the shipped run was in fact launched with
-the default and stopped by SIGTERM after its step-25,000 evaluation and checkpoint).
+Result: 10,000 steps (1 M fresh kernels of the calibrated ``mixture``, below; no learning-
+rate decay yet) in 36 minutes of wall time on the 2-core development CPU shared with three
+other jobs (~0.2 s per step; the mixture draws every family each step). Mean eval-mode
+negative log-likelihood on the 2,000 held-out mixture kernels (``eval_seed``; nats per
+kernel, logit space, the training objective): 552.4 at step 10,000 (563.0 at 2,500, 557.5
+at 5,000, 554.5 at 7,500); the official UFPNet prior (``flow_motion.npz``, converted)
+scores 605.0 on the same kernels (``python benchmarks/flow.py --compare``, which also
+draws ``docs/flow_samples.png``). On Lai et al.'s 4 measured kernels (8 rotations/flips
+each, ``python benchmarks/flow.py --real ../shared/data/lai/kernel_npy``): 569.7 vs the
+official 642.9 (the previous shipped prior, trained on ``motion_kernel``, 698.5); on each
+calibrated family within 0.1% of a prior trained on that family alone (``--cross-family
+--family-prior ...``, benchmarks/README.md). The full official schedule runs to epoch 62
+(31,500 steps, the default ``num_steps``, lr halved at steps 20,000 and 25,000 and 30,000);
+the schedule does not depend on ``num_steps``, so a shorter run is a prefix of the full one
+and rerunning with a larger ``num_steps`` resumes it.
 
-Kernel generators. ``get_config()`` trains on `jaxdeblur.kernels.motion_kernel` with the
-public Boracchi–Foi parameters (``generator = "motion"``, the shipped prior). A config
-string selects one of the generators calibrated to measured camera shake instead
-(`generator_settings`; the calibration notes are above it)::
+Kernel generators. ``get_config()`` trains on the ``mixture`` of the generators calibrated
+to measured camera shake (`generator_settings`; the calibration notes are above it). A
+config string selects one family, or ``motion`` for `jaxdeblur.kernels.motion_kernel` with
+the public Boracchi–Foi parameters (the data of the prior shipped before, mostly compact
+kernels)::
 
-  python train_scripts/flow_prior.py --config jaxdeblur/configs/flow_prior.py:mixture \
-      --workdir runs/flow_prior_mixture
+  python train_scripts/flow_prior.py --config jaxdeblur/configs/flow_prior.py:spline \
+      --workdir runs/flow_prior_spline --config.num_steps=7500
 
-(``boracchi_foi``, ``gaussian_process`` or ``spline`` for one family.) Not trained yet; its
-target is a lower ``python benchmarks/flow.py --real ../shared/data/lai/kernel_npy`` NLL
-than both the shipped prior's 698.5 and the official prior's 642.9 nats
-(benchmarks/README.md).
+(``boracchi_foi``, ``gaussian_process``, ``spline`` or ``motion``.)
 """
 
 import ml_collections
@@ -119,7 +121,7 @@ def generator_settings(name: str) -> ml_collections.ConfigDict:
     raise ValueError(f"no calibrated generator {name!r}; choose one of {GENERATORS[1:]}")
 
 
-def get_config(generator: str = "motion") -> ml_collections.ConfigDict:
+def get_config(generator: str = "mixture") -> ml_collections.ConfigDict:
     """The stage-I config; ``generator`` (the config string after ``flow_prior.py:``)
     selects the kernels it trains on (`GENERATORS`)."""
     if generator not in GENERATORS:
