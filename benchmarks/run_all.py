@@ -152,7 +152,7 @@ def flow_rows(s: dict, device: str, quick: bool) -> list[dict]:
         z_t, k_t = torch.from_numpy(np.array(z)), torch.from_numpy(np.array(kernels))
         with torch.no_grad():
             reference["latent_to_kernel"] = bench_flow._time(
-                lambda: prior.post_process(prior.inverse(z_t)[0]), s["flow_repeats"])
+                lambda: prior.post_process(prior.inverse(z_t, log_det=True)[0]), s["flow_repeats"])
             reference["log_prob"] = bench_flow._time(
                 lambda: prior.log_prob(prior.pre_process(k_t))[0], s["flow_repeats"])
     rows = []

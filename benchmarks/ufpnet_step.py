@@ -75,11 +75,7 @@ def mean_time(fn, *args, repeats: int) -> float:
 
 def inference_model(config, *, blocks: bool = True):
     """The evaluation UFPNet of a config (TLC from 256²), in the config's row blocks or not."""
-    model = ke_lib.make_model(config, train_size=TLC_TRAIN_SIZE)
-    if not blocks:
-        return model
-    return model.clone(flow_chunk_pixels=config.get("flow_chunk_pixels"),
-                       kernel_map_chunk_pixels=config.get("kernel_map_chunk_pixels"))
+    return ke_lib.make_model(config, train_size=TLC_TRAIN_SIZE, row_blocks=blocks)
 
 
 def _infer_fn(model):

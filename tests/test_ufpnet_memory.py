@@ -138,9 +138,7 @@ def test_official_720p_inference_fits_in_4_gib():
     """The official configuration (its own row blocks, TLC from 256²) at 1280x720: measured
     3.66 GiB (XLA:CPU; the whole image at once: 15.09 GiB)."""
     config = configs.load("ufpnet_gopro")
-    model = ke_lib.make_model(config, train_size=(256, 256)).clone(
-        flow_chunk_pixels=config.flow_chunk_pixels,
-        kernel_map_chunk_pixels=config.kernel_map_chunk_pixels)
+    model = ke_lib.make_model(config, train_size=(256, 256), row_blocks=True)
     gib = _compiled_gib(model, (720, 1280))
     print(f"official UFPNet 720p whole-image inference: {gib:.3f} GiB")
     assert gib <= 4.0

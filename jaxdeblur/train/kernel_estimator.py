@@ -73,10 +73,19 @@ def load_flow_variables(config) -> dict:
     return jax.tree.map(jnp.asarray, variables)
 
 
-def make_model(config, *, train_size=None) -> UFPNet:
+def make_model(config, *, train_size=None, row_blocks: bool = False) -> UFPNet:
+    """The UFPNet of ``config.model``; ``train_size`` turns on TLC (test-time local pooling
+    from that training size); ``row_blocks`` runs the per-pixel flow and the kernel map's
+    convolutions in the config's row blocks (``flow_chunk_pixels``,
+    ``kernel_map_chunk_pixels``: whole-image inference in memory linear in the image, same
+    outputs; they change no parameter, so checkpoints are shared)."""
     fields = config.model.to_dict()
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-    return UFPNet(**fields, train_size=None if train_size is None else tuple(train_size))
+    model = UFPNet(**fields, train_size=None if train_size is None else tuple(train_size))
+    if row_blocks:
+        model = model.clone(flow_chunk_pixels=config.get("flow_chunk_pixels"),
+                            kernel_map_chunk_pixels=config.get("kernel_map_chunk_pixels"))
+    return model
 
 
 def init_variables(model: UFPNet, seed: int, flow_variables: dict) -> dict:

@@ -125,7 +125,8 @@ def _to_uint8(image) -> np.ndarray:
 
 def make_restore_fn(config):
     """Jitted ``(variables, blurry, key) -> restored`` of the evaluation model (TLC if set)."""
-    model = kernel_estimator.make_model(config, train_size=config.eval_tlc_train_size)
+    model = kernel_estimator.make_model(config, train_size=config.eval_tlc_train_size,
+                                        row_blocks=True)
     return jax.jit(lambda v, x, key: model.apply(v, x, key=key)[1])
 
 
