@@ -57,15 +57,16 @@ def evaluate(name, blurry, sharp, true_kernel, settings) -> dict:
                error_ratio=10 ** ((psnr_truth - psnr_result) / 10),
                kernel_cos=kernel_similarity(result.kernel, true_kernel),
                size=result.kernel.shape[0], true_size=true_kernel.shape[0],
-               seconds=seconds)
+               seconds=seconds, chosen=result.chosen, estimates=len(result.scores))
     print(f"{name:28s} {psnr_blurry:6.2f} {psnr_result:6.2f} {psnr_truth:6.2f} "
           f"{row['error_ratio']:6.2f} {row['kernel_cos']:6.3f} {row['size']:4d}/"
-          f"{row['true_size']:<4d} {seconds:6.1f}", flush=True)
+          f"{row['true_size']:<4d} {seconds:6.1f} {result.chosen + 1:3d}/"
+          f"{len(result.scores)}", flush=True)
     return row
 
 
 HEADER = (f"{'image':28s} {'blurry':>6s} {'result':>6s} {'truth':>6s} {'ER':>6s} "
-          f"{'k-cos':>6s} {'size':>9s} {'sec':>6s}")
+          f"{'k-cos':>6s} {'size':>9s} {'sec':>6s} {'kept':>5s}")
 
 
 def lai_images(root: pathlib.Path):

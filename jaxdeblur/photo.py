@@ -31,7 +31,7 @@ from jaxdeblur import blind, blur, configs, deconv, mcem
 __all__ = ["Restoration", "PhotoSettings", "settings_from_config", "luminance",
            "kernel_size_for", "PhotoResult", "deblur_uniform", "restore", "fingerprint",
            "save_state", "load_state", "PhotoDeblurrer", "kernel_spread", "estimate_field",
-           "restore_field", "cell_centres"]
+           "restore_field", "cell_centres", "PhotoState", "normalized_sparsity"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +57,16 @@ class PhotoSettings:
         smaller).
       kernel_size: odd kernel size to search, or 0 to choose it from the crop
         (`kernel_size_for`).
-      kernel_fraction: with ``kernel_size = 0``: the searched size is this fraction of the
-        crop's shorter side ...
+      candidates: the kernel estimates made, each ``(kernel_fraction,
+        kernel_nonneg_iterations)``: with ``kernel_size = 0`` the searched size is
+        ``kernel_fraction`` of the crop's shorter side ..., and the kernel fit is
+        constrained non-negative for that many steps (`blind.fit_kernel`). Estimates that
+        come out identical in settings are made once. Of those that are not diffuse, the
+        one whose restoration of the crop is sparsest in gradients (`normalized_sparsity`)
+        is kept.
       min_kernel_size, max_kernel_size: ... clipped to these bounds (odd).
-      estimation: `blind.KernelEstimation` (its ``max_kernel_size`` is replaced by the
-        size chosen here).
+      estimation: `blind.KernelEstimation` (its ``max_kernel_size`` and
+        ``kernel_nonneg_iterations`` are replaced by each candidate's).
       restoration: `Restoration`.
       restorer: ``"hyper_laplacian"`` (fast, default) or ``"dip"`` (Deep EM's posterior
         mean with the kernel fixed).
@@ -76,7 +81,7 @@ class PhotoSettings:
     """
     working_size: int
     kernel_size: int
-    kernel_fraction: float
+    candidates: tuple
     min_kernel_size: int
     max_kernel_size: int
     estimation: blind.KernelEstimation
@@ -103,6 +108,12 @@ class PhotoSettings:
                              f"{self.kernel_size}")
         if self.working_size < 32:
             raise ValueError(f"working_size must be at least 32, got {self.working_size}")
+        if not self.candidates or not all(
+                len(c) == 2 and 0 < c[0] <= 0.5 and isinstance(c[1], int) and c[1] >= 0
+                for c in self.candidates):
+            raise ValueError("candidates must be a non-empty tuple of (kernel_fraction in "
+                             "(0, 0.5], kernel_nonneg_iterations >= 0) pairs, got "
+                             f"{self.candidates!r}")
 
 
 def settings_from_config(config: Any) -> PhotoSettings:
@@ -126,18 +137,22 @@ def _odd_at_most(n: float) -> int:
     return n if n % 2 else n - 1
 
 
-def kernel_size_for(crop_hw: tuple[int, int], settings: PhotoSettings) -> int:
-    """The kernel size searched on a crop: the configured one, or a fraction of the crop.
+def kernel_size_for(crop_hw: tuple[int, int], settings: PhotoSettings,
+                    fraction: Optional[float] = None) -> int:
+    """The kernel size searched on a crop: the configured one, or a fraction of the crop
+    (``fraction``, by default the first candidate's).
 
     The search is generous on purpose: the estimate is cropped to the support its energy
     occupies afterwards (`blind.crop_kernel_by_energy`), so a kernel smaller than the
     window costs little, while one larger than the window cannot be found.
     """
     limit = _odd_at_most(min(crop_hw) - 2)
+    if fraction is None:
+        fraction = settings.candidates[0][0]
     if settings.kernel_size:
         size = settings.kernel_size
     else:
-        size = _odd_at_most(settings.kernel_fraction * min(crop_hw))
+        size = _odd_at_most(fraction * min(crop_hw))
         size = min(max(size, settings.min_kernel_size), settings.max_kernel_size)
     if size > limit:
         raise ValueError(f"a {size}x{size} kernel does not fit the {crop_hw[0]}x{crop_hw[1]} "
@@ -159,6 +174,28 @@ def kernel_spread(kernel: np.ndarray) -> float:
     return float((kernel > 0).sum() / kernel.shape[0])
 
 
+def normalized_sparsity(image: np.ndarray) -> float:
+    """``‖∇x‖₁ / ‖∇x‖₂`` of an ``(H, W)`` image (Krishnan et al. 2011): low for sharp
+    edges on flat regions, higher for a blurry image (many small gradients) and for the
+    ringing a wrong kernel leaves after deconvolution; scale-invariant."""
+    x = np.asarray(image, np.float64)
+    gh, gv = np.diff(x, axis=1), np.diff(x, axis=0)
+    l2 = math.sqrt(float((gh ** 2).sum() + (gv ** 2).sum()))
+    return float(np.abs(gh).sum() + np.abs(gv).sum()) / max(l2, 1e-12)
+
+
+class PhotoState(NamedTuple):
+    """Where `deblur_uniform` stands: enough to go on from there after an interruption.
+
+    ``candidate``: the estimate in progress (index into the distinct candidates);
+    ``done``: the full kernels (before the crop by energy) of the finished ones;
+    ``estimate``: the state of the one in progress (None: it starts afresh).
+    """
+    candidate: int
+    done: tuple
+    estimate: Optional[blind.EstimationState]
+
+
 class PhotoResult(NamedTuple):
     restored: np.ndarray        # (H, W, C) float32 in [0, 1]
     kernel: np.ndarray          # (k, k), sum 1, cross-correlation convention
@@ -168,6 +205,9 @@ class PhotoResult(NamedTuple):
     kernels: Optional[np.ndarray] = None   # (G, k, k) the field with field_grid > (1, 1)
     centres: Optional[np.ndarray] = None   # (G, 2) their (y, x) in the photo
     warning: Optional[str] = None          # set when the photo was returned unchanged
+    chosen: int = 0                        # the candidate kept (index among the distinct)
+    scores: tuple = ()                     # normalized_sparsity per distinct candidate
+    #                                        (None: diffuse or not compared)
 
 
 def restore(blurry: np.ndarray, kernel: np.ndarray, settings: PhotoSettings,
@@ -182,6 +222,12 @@ def restore(blurry: np.ndarray, kernel: np.ndarray, settings: PhotoSettings,
         result = mcem.deblur(jnp.asarray(blurry), config, known_kernels=np.asarray(kernel))
         return (np.clip(np.asarray(result.image), 0, 1),
                 np.asarray(result.uncertainty))
+    return _restore_sparse(blurry, kernel, settings), None
+
+
+def _restore_sparse(blurry: np.ndarray, kernel: np.ndarray,
+                    settings: PhotoSettings) -> np.ndarray:
+    """The hyper-Laplacian restoration (`deconv.uniform`) of every channel, in [0, 1]."""
     r = settings.restoration
     restored = deconv.uniform(
         jnp.asarray(blurry, jnp.float32), jnp.asarray(kernel, jnp.float32),
@@ -189,14 +235,14 @@ def restore(blurry: np.ndarray, kernel: np.ndarray, settings: PhotoSettings,
         beta_rate=r.beta_rate, inner_iterations=r.inner_iterations,
         cg_iterations=r.cg_iterations, newton_iterations=r.newton_iterations,
         margin=r.margin)
-    return np.clip(np.asarray(restored), 0, 1), None
+    return np.clip(np.asarray(restored), 0, 1)
 
 
 def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
                    progress: Optional[Callable[[str, float, bool], None]] = None,
                    mcem_config: Any = None,
-                   resume: Optional[blind.EstimationState] = None,
-                   on_state: Optional[Callable[[blind.EstimationState], None]] = None
+                   resume: Optional[PhotoState] = None,
+                   on_state: Optional[Callable[[PhotoState], None]] = None
                    ) -> PhotoResult:
     """Blind deblurring of a photo blurred by one (uniform) kernel.
 
@@ -208,8 +254,9 @@ def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
         work in pixels; ``milestone`` is True at the start of a level and of the
         restoration (the lines worth printing in any case).
       mcem_config: the MCEM config, needed only by ``restorer = "dip"``.
-      resume, on_state: see `blind.estimate_kernel` (an interrupted estimate goes on from
-        its last saved state).
+      resume: a `PhotoState` saved by ``on_state`` for the same photo and settings: the
+        run goes on from there and ends as the uninterrupted one.
+      on_state: called with the `PhotoState` after every alternation of every estimate.
 
     Returns:
       `PhotoResult`.
@@ -222,66 +269,109 @@ def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
     gray = luminance(image)
     crop = blind.informative_crop(gray, settings.working_size)
     patch = gray[crop]
-    size = kernel_size_for(patch.shape, settings)
-    estimation = dataclasses.replace(settings.estimation, max_kernel_size=size)
+    plans = []
+    for fraction, nonneg in settings.candidates:
+        plan = dataclasses.replace(
+            settings.estimation, max_kernel_size=kernel_size_for(patch.shape, settings,
+                                                                 fraction),
+            kernel_nonneg_iterations=nonneg)
+        if plan not in plans:
+            plans.append(plan)
+    if resume is not None and not (0 <= resume.candidate <= len(plans)
+                                   and len(resume.done) == resume.candidate):
+        raise ValueError(f"the saved state (estimate {resume.candidate + 1}) does not belong "
+                         "to this run; delete it to start again")
 
-    levels = blind.pyramid(patch.shape, estimation)
-    level_work = [lv.shape[0] * lv.shape[1] * estimation.iterations for lv in levels]
+    plan_levels = [blind.pyramid(patch.shape, plan) for plan in plans]
+    level_work = [[lv.shape[0] * lv.shape[1] * plan.iterations for lv in levels]
+                  for plan, levels in zip(plans, plan_levels)]
+    estimate_work = [sum(work) for work in level_work]
+    choose_work = _RESTORATION_WORK * patch.size * len(plans) if len(plans) > 1 else 0
     cells = int(np.prod(settings.field_grid))
     if cells > 1:
         cell_shape = (min(settings.field_crop, gray.shape[0]),
                       min(settings.field_crop, gray.shape[1]))
-        cell_work = sum(lv.shape[0] * lv.shape[1] * estimation.iterations for lv in
-                        blind.pyramid(cell_shape, estimation)[-settings.field_levels:])
+        cell_work = max(sum(lv.shape[0] * lv.shape[1] * plan.iterations for lv in
+                            blind.pyramid(cell_shape, plan)[-settings.field_levels:])
+                        for plan in plans)
     else:
         cell_work = 0
-    total = (sum(level_work) + cells * cell_work
-             + _RESTORATION_WORK * image.shape[0] * image.shape[1])
+    before_field = sum(estimate_work) + choose_work
+    total = before_field + cells * cell_work + \
+        _RESTORATION_WORK * image.shape[0] * image.shape[1]
 
-    def level_progress(index, count, level, iteration):
-        if progress is not None:
-            done = sum(level_work[:index]) + level_work[index] * iteration / \
-                estimation.iterations
-            progress(f"kernel level {index + 1}/{count}: {level.shape[0]}x{level.shape[1]} "
-                     f"px, kernel {level.kernel_size}x{level.kernel_size}, iteration "
-                     f"{iteration + 1}/{estimation.iterations}", done / total,
-                     iteration == 0)
+    done = list(resume.done) if resume is not None else []
+    for index in range(len(done), len(plans)):
+        plan = plans[index]
+        name = f"estimate {index + 1}/{len(plans)}, " if len(plans) > 1 else ""
 
-    estimate = blind.estimate_kernel(patch, estimation, progress=level_progress,
-                                     resume=resume, on_state=on_state)
-    spread = kernel_spread(estimate.kernel)
-    if spread > settings.max_kernel_spread:
-        k = estimate.kernel.shape[0]
-        return PhotoResult(np.clip(image, 0, 1), estimate.kernel, crop, size, None,
+        def level_progress(level_index, count, level, iteration, index=index, name=name,
+                           plan=plan):
+            if progress is not None:
+                work = level_work[index]
+                finished = (sum(estimate_work[:index]) + sum(work[:level_index])
+                            + work[level_index] * iteration / plan.iterations)
+                progress(f"{name}kernel level {level_index + 1}/{count}: {level.shape[0]}x"
+                         f"{level.shape[1]} px, kernel {level.kernel_size}x"
+                         f"{level.kernel_size}, iteration {iteration + 1}/{plan.iterations}",
+                         finished / total, iteration == 0)
+
+        start = resume.estimate if resume is not None and index == resume.candidate else None
+        report = None if on_state is None else (
+            lambda state, index=index: on_state(PhotoState(index, tuple(done), state)))
+        estimate = blind.estimate_kernel(patch, plan, progress=level_progress, resume=start,
+                                         on_state=report)
+        done.append(np.asarray(estimate.full_kernel, np.float32))
+        if on_state is not None:
+            on_state(PhotoState(index + 1, tuple(done), None))
+
+    kernels = [blind.crop_kernel_by_energy(full, settings.estimation.energy) for full in done]
+    spreads = [kernel_spread(k) for k in kernels]
+    usable = [i for i, spread in enumerate(spreads) if spread <= settings.max_kernel_spread]
+    if not usable:
+        k = kernels[0].shape[0]
+        return PhotoResult(np.clip(image, 0, 1), kernels[0], crop, plans[0].max_kernel_size,
+                           None,
                            warning=f"no reliable kernel found: the {k}x{k} estimate is a "
-                           f"diffuse cloud ({spread:.1f} taps per pixel of its side, more "
+                           f"diffuse cloud ({spreads[0]:.1f} taps per pixel of its side, more "
                            f"than max_kernel_spread = {settings.max_kernel_spread}); the "
                            "photo is returned unchanged. A blur this large or this complex "
                            "may need --set kernel_size=... (odd, the blur's extent in "
                            "pixels) or a spatially varying estimate (--set "
                            "'field_grid=(2,3)')")
+    chosen, scores = usable[0], [None] * len(plans)
+    if len(usable) > 1:
+        if progress is not None:
+            progress(f"choosing among {len(usable)} kernel estimates (sharpest restoration "
+                     "of the crop)", sum(estimate_work) / total, True)
+        for i in usable:
+            scores[i] = normalized_sparsity(_restore_sparse(patch[..., None], kernels[i],
+                                                            settings)[..., 0])
+        chosen = min(usable, key=lambda i: scores[i])
+    kernel, plan = kernels[chosen], plans[chosen]
+    size = plan.max_kernel_size
     if tuple(settings.field_grid) != (1, 1):
         def cell_progress(index, count):
             if progress is not None:
                 progress(f"kernel field: cell {index + 1}/{count}",
-                         (sum(level_work) + index * cell_work) / total, True)
+                         (before_field + index * cell_work) / total, True)
 
-        kernels, geometry = estimate_field(gray, estimate.full_kernel, settings, estimation,
+        kernels, geometry = estimate_field(gray, done[chosen], settings, plan,
                                            progress=cell_progress)
         if progress is not None:
             progress(f"restoring {image.shape[0]}x{image.shape[1]}x{image.shape[2]} with "
                      f"{len(kernels)} kernels of {kernels.shape[1]}x{kernels.shape[1]}",
-                     (sum(level_work) + cells * cell_work) / total, True)
+                     (before_field + cells * cell_work) / total, True)
         restored = restore_field(image, kernels, geometry, settings)
-        return PhotoResult(restored, estimate.kernel, crop, size, None, kernels,
-                           cell_centres(geometry))
+        return PhotoResult(restored, kernel, crop, size, None, kernels,
+                           cell_centres(geometry), chosen=chosen, scores=tuple(scores))
     if progress is not None:
         progress(f"restoring {image.shape[0]}x{image.shape[1]}x{image.shape[2]} with a "
-                 f"{estimate.kernel.shape[0]}x{estimate.kernel.shape[0]} kernel "
-                 f"({settings.restorer})", sum(level_work) / total, True)
-    restored, uncertainty = restore(image, estimate.kernel, settings,
-                                    mcem_config=mcem_config)
-    return PhotoResult(restored, estimate.kernel, crop, size, uncertainty)
+                 f"{kernel.shape[0]}x{kernel.shape[0]} kernel "
+                 f"({settings.restorer})", before_field / total, True)
+    restored, uncertainty = restore(image, kernel, settings, mcem_config=mcem_config)
+    return PhotoResult(restored, kernel, crop, size, uncertainty, chosen=chosen,
+                       scores=tuple(scores))
 
 
 def cell_centres(geometry) -> np.ndarray:
@@ -355,14 +445,28 @@ def fingerprint(image: np.ndarray, settings: PhotoSettings) -> str:
     return digest.hexdigest()
 
 
-def save_state(path: pathlib.Path, state: blind.EstimationState, key: str) -> None:
+def save_state(path: pathlib.Path, state: PhotoState, key: str) -> None:
     """Writes a state atomically (a temporary file renamed over the old one)."""
+    arrays = {"candidate": np.int64(state.candidate), "num_done": np.int64(len(state.done))}
+    arrays.update({f"done_{i}": np.asarray(k, np.float32) for i, k in enumerate(state.done)})
+    if state.estimate is not None:
+        arrays.update({f"estimate_{name}": value for name, value in
+                       blind.state_to_arrays(state.estimate).items()})
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, fingerprint=np.asarray(key), **blind.state_to_arrays(state))
+    np.savez(tmp, fingerprint=np.asarray(key), **arrays)
     os.replace(tmp, path)
 
 
-def load_state(path: pathlib.Path, key: str) -> Optional[blind.EstimationState]:
+def _state_from_arrays(arrays) -> PhotoState:
+    done = tuple(np.asarray(arrays[f"done_{i}"], np.float32)
+                 for i in range(int(arrays["num_done"])))
+    names = [n[len("estimate_"):] for n in arrays.files if n.startswith("estimate_")]
+    estimate = (blind.state_from_arrays({n: arrays[f"estimate_{n}"] for n in names})
+                if names else None)
+    return PhotoState(int(arrays["candidate"]), done, estimate)
+
+
+def load_state(path: pathlib.Path, key: str) -> Optional[PhotoState]:
     """The state saved at ``path`` for the run ``key``, or None (absent, another photo or
     other settings). A file that cannot be read is an error naming it."""
     if not path.exists():
@@ -371,7 +475,7 @@ def load_state(path: pathlib.Path, key: str) -> Optional[blind.EstimationState]:
         with np.load(path) as arrays:
             if str(arrays["fingerprint"]) != key:
                 return None
-            return blind.state_from_arrays(arrays)
+            return _state_from_arrays(arrays)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
         raise ValueError(f"the saved state {path} is damaged ({err}); delete it to start "
                          "this photo again") from err
@@ -418,8 +522,11 @@ class PhotoDeblurrer:
             run_key = fingerprint(image, self.settings)
             resume = load_state(state_file, run_key)
             if resume is not None and self.progress is not None:
-                self.progress(f"resuming from {state_file} (level {resume.level + 1}, "
-                              f"iteration {resume.iteration + 1})")
+                where = (f"level {resume.estimate.level + 1}, iteration "
+                         f"{resume.estimate.iteration + 1}" if resume.estimate is not None
+                         else "its start")
+                self.progress(f"resuming from {state_file} (estimate {resume.candidate + 1} "
+                              f"at {where})")
             on_state = lambda state: save_state(state_file, state, run_key)  # noqa: E731
 
         result = deblur_uniform(image, self.settings, progress=report,

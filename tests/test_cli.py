@@ -435,9 +435,10 @@ def test_mcem_command_makes_a_blurry_photo_sharper(tmp_path):
 
 
 def test_mcem_command_resumes_after_sigterm(tmp_path):
-    """SIGTERM in the middle of the kernel estimate saves its state; the same command then
-    goes on from it and writes the photo the uninterrupted run writes, bit for bit; a third
-    run skips the finished photo."""
+    """SIGTERM in the middle of the second of the two kernel estimates (the size is given,
+    so the candidates differ only in the non-negative fit) saves the state; the same
+    command then goes on from it and writes the photo the uninterrupted run writes, bit for
+    bit; a third run skips the finished photo."""
     import signal
     import skimage.data
     k, size = 9, 96
@@ -464,7 +465,7 @@ def test_mcem_command_resumes_after_sigterm(tmp_path):
     try:
         for line in proc.stderr:
             seen.append(line)
-            if "kernel level 3/" in line:
+            if "estimate 2/2, kernel level 3/" in line:
                 proc.send_signal(signal.SIGTERM)
                 break
         seen.append(proc.stderr.read())
@@ -478,7 +479,9 @@ def test_mcem_command_resumes_after_sigterm(tmp_path):
 
     again = run_cli(*args, "-o", out, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming from" in again.stderr and "level 3" in again.stderr, again.stderr
+    # the state holds the first estimate's kernel and the second's progress
+    assert "resuming from" in again.stderr and "estimate 2 at level 3" in again.stderr, \
+        again.stderr
     with Image.open(out / "b.png") as a, Image.open(tmp_path / "whole" / "b.png") as b:
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
