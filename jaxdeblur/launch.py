@@ -175,6 +175,8 @@ class Job:
         self._ended: list[float | None] = [None] * len(processes)
         self._threads = []
         for i in range(len(processes)):
+            # Created (empty) before any reader starts: a log is readable once `start` returns.
+            self.log_file(i).write_text("", encoding="utf-8")
             self._threads.append(threading.Thread(target=self._read, args=(i, echo),
                                                   daemon=True))
             self._threads.append(threading.Thread(target=self._reap, args=(i,), daemon=True))
@@ -186,7 +188,7 @@ class Job:
 
     def _read(self, process_id: int, echo: bool) -> None:
         prefix = f"[process {process_id}] "
-        with open(self.log_file(process_id), "w", encoding="utf-8") as log:
+        with open(self.log_file(process_id), "a", encoding="utf-8") as log:
             for raw in self.processes[process_id].stdout:
                 line = raw.decode("utf-8", errors="replace").rstrip("\n")
                 log.write(line + "\n")

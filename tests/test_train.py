@@ -305,12 +305,17 @@ def test_ctrl_c_saves_then_raises_keyboard_interrupt(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
         return {"count": state["count"] + 1}, {"loss": 0.0}
 
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    ckpt = checkpoint.CheckpointManager(tmp_path, async_save=False)
-    writer = metric_logging.MetricWriter(tmp_path / "metrics.jsonl")
-    with pytest.raises(KeyboardInterrupt):
-        loop.train_loop({"count": jnp.asarray(0, jnp.int32)}, step_fn, start=0, num_steps=10,
-                        checkpoints=ckpt, writer=writer, log_every=1, eval_every=100,
-                        checkpoint_every=100)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's default handler, also where the test runner was started with SIGINT ignored
+    # (a background job of a non-interactive shell).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        ckpt = checkpoint.CheckpointManager(tmp_path, async_save=False)
+        writer = metric_logging.MetricWriter(tmp_path / "metrics.jsonl")
+        with pytest.raises(KeyboardInterrupt):
+            loop.train_loop({"count": jnp.asarray(0, jnp.int32)}, step_fn, start=0,
+                            num_steps=10, checkpoints=ckpt, writer=writer, log_every=1,
+                            eval_every=100, checkpoint_every=100)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert _saved_steps(tmp_path) == [2]
