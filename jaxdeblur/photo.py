@@ -325,12 +325,13 @@ def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
         if on_state is not None:
             on_state(PhotoState(index + 1, tuple(done), None))
 
-    kernels = [blind.crop_kernel_by_energy(full, settings.estimation.energy) for full in done]
-    spreads = [kernel_spread(k) for k in kernels]
+    estimates = [blind.crop_kernel_by_energy(full, settings.estimation.energy)
+                 for full in done]
+    spreads = [kernel_spread(k) for k in estimates]
     usable = [i for i, spread in enumerate(spreads) if spread <= settings.max_kernel_spread]
     if not usable:
-        k = kernels[0].shape[0]
-        return PhotoResult(np.clip(image, 0, 1), kernels[0], crop, plans[0].max_kernel_size,
+        k = estimates[0].shape[0]
+        return PhotoResult(np.clip(image, 0, 1), estimates[0], crop, plans[0].max_kernel_size,
                            None,
                            warning=f"no reliable kernel found: the {k}x{k} estimate is a "
                            f"diffuse cloud ({spreads[0]:.1f} taps per pixel of its side, more "
@@ -345,10 +346,10 @@ def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
             progress(f"choosing among {len(usable)} kernel estimates (sharpest restoration "
                      "of the crop)", sum(estimate_work) / total, True)
         for i in usable:
-            scores[i] = normalized_sparsity(_restore_sparse(patch[..., None], kernels[i],
+            scores[i] = normalized_sparsity(_restore_sparse(patch[..., None], estimates[i],
                                                             settings)[..., 0])
         chosen = min(usable, key=lambda i: scores[i])
-    kernel, plan = kernels[chosen], plans[chosen]
+    kernel, plan = estimates[chosen], plans[chosen]
     size = plan.max_kernel_size
     if tuple(settings.field_grid) != (1, 1):
         def cell_progress(index, count):

@@ -21,6 +21,16 @@ def load_fixture(name: str) -> dict:
         return {k: data[k] for k in data.files}
 
 
+def config_flags(overrides: dict) -> list[str]:
+    """``--config.key=value`` flags of a train script (tuples written as Python tuples)."""
+    flags = []
+    for key, value in overrides.items():
+        if isinstance(value, tuple):
+            value = "(" + ",".join(str(v) for v in value) + ",)"
+        flags.append(f"--config.{key}={value}")
+    return flags
+
+
 # Hypothesis draws the same examples on every CI run (a failure found once is found again,
 # and a green run cannot turn red by chance); locally it explores new examples.
 import hypothesis  # noqa: E402

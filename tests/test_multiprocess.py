@@ -37,6 +37,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import config_flags
 
 from jaxdeblur import launch
 
@@ -73,16 +74,6 @@ MCEM_OVERRIDES = {
     "m_step_steps": 1, "e_step_chunk": "1", "m_step_chunk": "1", "loop": "scan",
     "em_iterations": 1, "warmup_iterations": 1, "log_every": 1, "checkpoint_every": 1,
 }
-
-
-def _as_flags(overrides: dict) -> list[str]:
-    """``--config.key=value`` flags of a train script."""
-    flags = []
-    for key, value in overrides.items():
-        if isinstance(value, tuple):
-            value = "(" + ",".join(str(v) for v in value) + ",)"
-        flags.append(f"--config.{key}={value}")
-    return flags
 
 
 def _as_overrides(overrides: dict) -> list[str]:
@@ -344,7 +335,7 @@ def test_ufpnet_two_processes_equal_one_and_resume_after_sigkill(data_dir, tmp_p
                "--local-devices", "4", "--grace", "5", "--timeout", str(RUN_TIMEOUT),
                "--compilation-cache", str(compilation_cache), "--",
                sys.executable, "train_scripts/ufpnet.py", f"--workdir={workdir}",
-               *_as_flags({**UFPNET_OVERRIDES, "data.data_dir": str(data_dir)})]
+               *config_flags({**UFPNET_OVERRIDES, "data.data_dir": str(data_dir)})]
     stage3 = workdir / "stage3"
     first_log = tmp_path / "first.log"
     pids: dict[int, int] = {}
@@ -443,7 +434,7 @@ def test_deep_em_two_processes_equal_one(tmp_path, compilation_cache):
         workdir = tmp_path / f"mcem_{processes}x{devices}"
         logs = launch.run(
             [sys.executable, "train_scripts/mcem.py", f"--workdir={workdir}",
-             *_as_flags(MCEM_OVERRIDES), str(inputs)],
+             *config_flags(MCEM_OVERRIDES), str(inputs)],
             processes=processes, local_devices=devices, log_dir=tmp_path / f"logs_{processes}",
             compilation_cache=compilation_cache, env=_env(), cwd=REPO, timeout=RUN_TIMEOUT,
             echo=False)

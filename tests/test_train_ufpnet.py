@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import FIXTURES_DIR
+from conftest import FIXTURES_DIR, config_flags
 from jaxdeblur import configs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -62,15 +62,6 @@ def _env(n_devices=None):
     if n_devices:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
     return env
-
-
-def _flags(config_overrides):
-    out = []
-    for key, value in config_overrides.items():
-        if isinstance(value, tuple):
-            value = "(" + ",".join(str(v) for v in value) + ",)"
-        out.append(f"--config.{key}={value}")
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +133,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(data_dir, tmp_path):
     """
     workdir = tmp_path / "run"
     cmd = [sys.executable, str(SCRIPTS / "ufpnet.py"), "--tpu", f"--workdir={workdir}",
-           *_flags({**OVERRIDES, "flow_checkpoint": _flow_checkpoint(),
+           *config_flags({**OVERRIDES, "flow_checkpoint": _flow_checkpoint(),
                     "data.data_dir": str(data_dir)})]
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, env=_env(8), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)

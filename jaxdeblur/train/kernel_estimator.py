@@ -83,8 +83,8 @@ def make_model(config, *, train_size=None, row_blocks: bool = False) -> UFPNet:
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
     model = UFPNet(**fields, train_size=None if train_size is None else tuple(train_size))
     if row_blocks:
-        model = model.clone(flow_chunk_pixels=config.get("flow_chunk_pixels"),
-                            kernel_map_chunk_pixels=config.get("kernel_map_chunk_pixels"))
+        model = model.clone(flow_chunk_pixels=config.flow_chunk_pixels,
+                            kernel_map_chunk_pixels=config.kernel_map_chunk_pixels)
     return model
 
 
