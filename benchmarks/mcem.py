@@ -75,8 +75,10 @@ def recovery(args, config):
     if args.recovery == "uniform":
         # 96 points from -5.5 to 5.5 px: the kernel the recovery table was measured with.
         true = np.asarray(kernels.line_kernel(15, 11, np.deg2rad(34.0), samples=96))
+        # A larger model kernel (e.g. 19, the flow prior's) sees the same blur, zero-padded.
+        true = np.pad(true, (args.kernel_size - 15) // 2)
         blurry = blur.conv(sharp, jnp.asarray(true), boundary="replicate")
-        config.kernel_size = 15
+        config.kernel_size = args.kernel_size
         config.grid = (1, 1)
         config.warmup_iterations = args.iterations
     else:
@@ -94,15 +96,23 @@ def recovery(args, config):
         print(f"  iteration {it}: data fit {float(fit[0]):.3e} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
+    def level_callback(level, levels, it, iterations):
+        if it % config.log_every == 0 or it == iterations:
+            print(f"  level {level + 1}/{levels} (scale {config.levels[level][0]}): "
+                  f"iteration {it}/{iterations} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+
     known = true if args.known_kernel else None
     result = mcem.deblur(blurry, config, key=jax.random.key(config.seed), callback=callback,
-                         known_kernels=known)
+                         known_kernels=known, level_callback=level_callback)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     sharp_np, blurry_np = np.asarray(sharp)[..., 0], np.asarray(blurry)[..., 0]
     refine = config.refine_iterations
     phases = f" + {refine} refinement (temperature {config.refine_temperature})" if refine else ""
+    levels = (f", after coarse levels (scale, iterations) {tuple(config.levels)}"
+              if config.levels else "")
     print(f"\nrecovery {args.recovery} {size}x{size}, {args.iterations} EM iterations{phases}, "
-          f"kernel {config.kernel_size}, grid {result.grid}")
+          f"kernel {config.kernel_size}, grid {result.grid}{levels}")
     print(f"aligned PSNR blurry   {aligned_psnr(blurry_np, sharp_np):.2f} dB")
     print(f"aligned PSNR restored {aligned_psnr(result.image[..., 0], sharp_np):.2f} dB")
     if args.recovery == "uniform":
@@ -149,6 +159,9 @@ def main():
     parser.add_argument("--chunks", default="1,5,25")
     parser.add_argument("--recovery", choices=("uniform", "field"), default=None)
     parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--kernel-size", type=int, default=15,
+                        help="with --recovery uniform: the model's kernel size (odd, >= 15; "
+                        "19 for --set kernel_prior_weight=...)")
     parser.add_argument("--known-kernel", action="store_true",
                         help="with --recovery uniform: non-blind run with the true kernel")
     parser.add_argument("--figures", default=None, metavar="DIR",
@@ -167,6 +180,9 @@ def main():
     if args.known_kernel and args.recovery != "uniform":
         parser.error("--known-kernel needs --recovery uniform (a kernel_field has a kernel per "
                      "pixel, not one per filter-flow cell)")
+    if args.kernel_size < 15 or args.kernel_size % 2 == 0:
+        parser.error(f"--kernel-size must be odd and >= 15 (the 15x15 blur), got "
+                     f"{args.kernel_size}")
     if args.recovery:
         return recovery(args, config)
     chunks = [int(c) for c in args.chunks.split(",")]

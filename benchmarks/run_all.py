@@ -19,7 +19,10 @@ the script itself in a subprocess):
   unrolled steps, one M-step, and the whole-run time those imply (the script's
   estimate: iterations × the best seconds per EM iteration); on a GPU also a real whole
   run of `jaxdeblur.mcem.deblur` with the shipped config on a 256² RGB image, in a fresh
-  process so that the device's peak memory is the run's own.
+  process so that the device's peak memory is the run's own;
+* the photo command (`jaxdeblur.photo.deblur_uniform` with the shipped ``photo`` config):
+  a 255² gray photo (the held-out set's size) and a 1024×768 RGB photo, wall time with
+  compilation (issue #15's GPU targets: 30 s and 2 min).
 
 Columns: time (median or mean of the repeats after a warm-up, compilation excluded, except
 for the real whole run: wall time of the call), memory (XLA's compiled memory analysis of
@@ -62,21 +65,23 @@ SETTINGS = {
                               "--set", "image_net.features=(8,)*2",
                               "--set", "kernel_net.features=(8,)*2",
                               "--set", "grid=(1,1)", "--set", "kernel_size=5"],
-                  mcem_run=None),
+                  mcem_run=None, photo=[(96, 96, 1, 9)]),
     "cpu": dict(blur_sizes=[(256, 256), (720, 1280)], blur_repeat=3, flow_batch=65536,
                 flow_repeats=3, ufpnet_train=("official", 1, 256),
                 ufpnet_720p_run=True, ufpnet_720p_whole=True, ufpnet_repeats=1,
                 mcem_estep=["--size", "256", "--steps", "25", "--chunks", "1,5,25"],
-                mcem_run=None),
+                mcem_run=None, photo=[(255, 255, 1, 19), (768, 1024, 3, 31)]),
     "gpu": dict(blur_sizes=[(256, 256), (720, 1280)], blur_repeat=5, flow_batch=65536,
                 flow_repeats=5, ufpnet_train=("official", 8, 256),
                 ufpnet_720p_run=True, ufpnet_720p_whole=True, ufpnet_repeats=5,
                 mcem_estep=["--size", "256", "--steps", "10", "--chunks", "1,5,10"],
-                mcem_run=256),
+                mcem_run=256, photo=[(255, 255, 1, 19), (768, 1024, 3, 31)]),
 }
 # benchmarks/README.md (XLA:CPU): official 720p whole-image inference without row blocks.
 UFPNET_720P_WHOLE_GIB = 15.088
 PAPER_DEEP_EM = "paper, RTX 3090, 256²: 226 s, 1.27 GB"
+# Issue #15's targets for `jaxdeblur deblur --method mcem` on a GPU, by photo size.
+PHOTO_TARGETS = {(255, 255): "target on a GPU ≤ 30 s", (768, 1024): "target on a GPU ≤ 2 min"}
 
 
 def _load(name: str):
@@ -275,8 +280,55 @@ def mcem_run_rows(s: dict, device: str, quick: bool) -> list[dict]:
              "memory": run["memory"], "reference": PAPER_DEEP_EM if size == 256 else ""}]
 
 
+def photo_input(height: int, width: int, channels: int, kernel_px: int):
+    """A blurry photo of the given size (skimage's astronaut, resized, blurred by a
+    ``kernel_px`` motion path, noise 0.005, 8-bit) and its sharp original."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import skimage.data
+    import skimage.transform
+    from jaxdeblur import blur, kernels
+    sharp = skimage.transform.resize(skimage.data.astronaut() / 255.0, (height, width),
+                                     anti_aliasing=True).astype(np.float32)
+    if channels == 1:
+        sharp = sharp @ np.asarray([0.299, 0.587, 0.114], np.float32)
+        sharp = sharp[..., None]
+    kernel = kernels.line_kernel(kernel_px, 0.8 * kernel_px, 0.5)
+    blurry = blur.conv(jnp.asarray(sharp), kernel, boundary="replicate")
+    blurry = blurry + 0.005 * jax.random.normal(jax.random.key(0), blurry.shape)
+    return np.round(np.clip(np.asarray(blurry), 0, 1) * 255) / 255, sharp
+
+
+def photo_rows(s: dict, device: str, quick: bool) -> list[dict]:
+    """`jaxdeblur.photo.deblur_uniform`, what ``jaxdeblur deblur --method mcem`` runs, with
+    the shipped ``photo`` config (``--quick``: one kernel estimate of a fixed size): wall
+    time of the whole call as a user sees it, compilation included."""
+    import numpy as np
+    from jaxdeblur import configs, photo
+    overrides = ["candidates=((0.15, 0),)", "kernel_size=9"] if quick else []
+    settings = photo.settings_from_config(configs.load("photo", overrides))
+    rows = []
+    for height, width, channels, kernel_px in s["photo"]:
+        blurry, sharp = photo_input(height, width, channels, kernel_px)
+        start = time.perf_counter()
+        result = photo.deblur_uniform(blurry.astype(np.float32), settings)
+        seconds = time.perf_counter() - start
+        gain = (10 * np.log10(np.mean((blurry - sharp) ** 2)
+                              / np.mean((result.restored - sharp) ** 2)))
+        rows.append({"row": f"photo deblur (Deep EM command, {kernel_px} px blur, "
+                            f"{len(result.scores) or 1} estimate(s); {gain:+.1f} dB unaligned)",
+                     "size": f"{width}×{height}×{channels}",
+                     "time": f"{seconds:,.1f} s (compilation included)",
+                     "memory": f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}"
+                               " GiB process peak RSS",
+                     "reference": PHOTO_TARGETS.get((height, width), "")})
+    return rows
+
+
 GROUPS = (("blur operators", blur_rows), ("flow prior", flow_rows), ("UFPNet", ufpnet_rows),
-          ("Deep EM E-step", mcem_rows), ("Deep EM whole run", mcem_run_rows))
+          ("Deep EM E-step", mcem_rows), ("Deep EM whole run", mcem_run_rows),
+          ("photo deblur", photo_rows))
 
 
 def main(argv=None) -> int:

@@ -132,6 +132,8 @@ class MethodHParams:
     m_step_variance_term: bool
     moment_decay: float
     kernel_centre_weight: float
+    kernel_prior: str
+    kernel_prior_weight: float
 
     def __post_init__(self):
         if self.sampler not in ("psgld", "sgld"):
@@ -140,6 +142,9 @@ class MethodHParams:
             raise ValueError("config.temperature must be >= 0 (1 samples the posterior, 0 is "
                              f"RMSprop without noise), got {self.temperature}")
         _make_sampler(self, key=0)  # checks step_size, psgld_decay and psgld_eps
+        if not self.kernel_prior_weight >= 0:
+            raise ValueError("config.kernel_prior_weight must be >= 0 (0: no flow prior in "
+                             f"the M-step), got {self.kernel_prior_weight}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,11 +178,14 @@ class RunHParams:
     log_every: int
     checkpoint_every: int
     synthetic: SyntheticHParams
+    levels: tuple
+    level_refit_steps: int
+    level_refit_lr: float
 
     def __post_init__(self):
         for name, least in (("em_iterations", 1), ("warmup_iterations", 0),
                             ("refine_iterations", 0), ("log_every", 1),
-                            ("checkpoint_every", 1)):
+                            ("checkpoint_every", 1), ("level_refit_steps", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"config.{name} must be an integer >= {least}, got {value!r}")
@@ -186,6 +194,21 @@ class RunHParams:
                              f"noise), got {self.refine_temperature}")
         if not self.refine_step_size > 0:
             raise ValueError(f"config.refine_step_size must be > 0, got {self.refine_step_size}")
+        if not self.level_refit_lr > 0:
+            raise ValueError(f"config.level_refit_lr must be > 0, got {self.level_refit_lr}")
+        scales = []
+        for level in self.levels:
+            ok = (isinstance(level, (tuple, list)) and len(level) == 2
+                  and isinstance(level[1], int) and not isinstance(level[1], bool)
+                  and level[1] >= 1 and 0 < float(level[0]) < 1)
+            if not ok:
+                raise ValueError("config.levels holds (scale, em_iterations) pairs, coarsest "
+                                 "first, each scale in (0, 1) and em_iterations >= 1, got "
+                                 f"{self.levels!r}; () runs at full resolution only")
+            scales.append(float(level[0]))
+        if scales != sorted(scales) or len(set(scales)) != len(scales):
+            raise ValueError(f"config.levels must go from the coarsest scale up, got "
+                             f"{self.levels!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -567,6 +590,8 @@ class MCEMModel:
     method: MethodHParams
     # (G, k, k) kernels of a non-blind run (`build_model(known_kernels=...)`), else None.
     known_kernels: Optional[np.ndarray] = dataclasses.field(default=None, compare=False)
+    # log p(k) of the M-step's kernel prior, (N, k, k) -> (N,), with kernel_prior_weight > 0.
+    kernel_log_prob: Optional[Callable] = dataclasses.field(default=None, compare=False)
 
     @property
     def num_kernels(self) -> int:
@@ -650,8 +675,37 @@ def build_model(blurry_shape: tuple, config: Any, known_kernels: Any = None) -> 
         num_groups=method.kernel_net.num_groups)
     if known_kernels is not None:
         known_kernels = _check_known_kernels(known_kernels, gh * gw, k)
+    log_prob = None
+    if method.kernel_prior_weight > 0 and known_kernels is None:
+        log_prob = kernel_prior_log_prob(method.kernel_prior, k)
     return MCEMModel(blurry_shape, latent_shape, geometry, image_net, kernel_net,
-                     optax.adam(method.m_step_lr), method, known_kernels)
+                     optax.adam(method.m_step_lr), method, known_kernels, log_prob)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_kernel_prior(which: str):
+    from jaxdeblur import flow  # the flow (distrax) is imported only when a run uses it
+    return flow.load_pretrained(which)
+
+
+def kernel_prior_log_prob(which: str, kernel_size: int) -> Callable:
+    """``log p(k)`` of a UFPNet flow prior over motion kernels, ``(N, k, k) -> (N,)``.
+
+    ``which``: ``"ours"`` (the shipped prior) or an official checkpoint path
+    (`flow.load_pretrained`). The flow's variables are loaded once per process and enter
+    compiled code as constants. Raises ValueError when the flow's kernels are not
+    ``kernel_size`` wide (the shipped prior is over 19x19 kernels).
+    """
+    try:
+        module, variables = _load_kernel_prior(which)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"config.kernel_prior {which!r} could not be loaded: {error}") from None
+    if module.kernel_size != kernel_size:
+        raise ValueError(f"the kernel prior {which!r} is over {module.kernel_size}x"
+                         f"{module.kernel_size} kernels, the run's are {kernel_size}x"
+                         f"{kernel_size}: set config.kernel_size = {module.kernel_size} or "
+                         "config.kernel_prior_weight = 0")
+    return functools.partial(module.apply, variables, method=type(module).log_prob)
 
 
 def _crop(latent: jax.Array, k: int) -> jax.Array:
@@ -782,6 +836,13 @@ def _q_loss(model: MCEMModel, kernel_params, state: MCEMState, blurry, uniform: 
     weight = model.method.kernel_centre_weight
     if weight:
         loss = loss + weight * jnp.mean(jnp.sum(kernel_centroid(kernels) ** 2, axis=-1))
+    if model.kernel_log_prob is not None:
+        # -log p(K) in the units of the loss: Q's likelihood is sum(residual²) / (2 σ²), the
+        # loss its mean over the pixels, so the prior enters scaled by 2 σ² / pixels
+        # (kernel_prior_weight = 1: the M-step maximises Q + log p(K), a MAP-EM).
+        scale = 2.0 * model.method.noise_sigma ** 2 / blurry.size
+        nll = -jnp.sum(model.kernel_log_prob(kernels))
+        loss = loss + model.method.kernel_prior_weight * scale * nll
     return loss
 
 
@@ -1044,6 +1105,158 @@ def iteration_phase(config: Any, iteration: int) -> tuple[bool, bool]:
     return uniform, refine
 
 
+def _iterate(steps: _Steps, run: RunHParams, blurry: jax.Array, state: MCEMState,
+             callback: Optional[Callable[[int, MCEMState, Any], None]]
+             ) -> tuple[MCEMState, list]:
+    """The EM iterations of ``run`` from ``state.iteration`` on: (state, data-fit history)."""
+    history = []
+    start = int(np.asarray(state.iteration).reshape(-1)[0])
+    total = total_iterations(run)
+    for it in range(start, total):
+        phase = iteration_phase(run, it)
+        if phase[1] and it == run.em_iterations:
+            state = steps.snapshot(state)
+        state = steps.iteration(state, blurry, phase)
+        last = it + 1 == total
+        if (it + 1) % run.log_every == 0 or last:
+            fit = np.asarray(steps.data_fit(state, blurry, phase))
+            if not np.all(np.isfinite(fit)):
+                raise DataFitError(
+                    f"data fit is {fit.tolist()} at EM iteration {it + 1}: the chain diverged. "
+                    "Lower config.step_size or raise config.noise_sigma, and resume from the "
+                    "last checkpoint")
+            history.append((it + 1, fit.tolist()))
+            if callback is not None:
+                callback(it + 1, state, fit)
+    return state, history
+
+
+# --------------------------------------------------------------------------------------
+# Coarse to fine.
+# --------------------------------------------------------------------------------------
+
+
+def level_kernel_size(kernel_size: int, scale: float) -> int:
+    """The odd kernel size (at least 3) of a ``kernel_size`` kernel seen at ``scale``."""
+    size = int(round(kernel_size * scale))
+    size = size if size % 2 else size + 1
+    return max(3, size)
+
+
+def resize_kernels(kernels: jax.Array, size: int) -> jax.Array:
+    """``(G, k, k)`` kernels resampled to ``(G, size, size)`` about their centre pixel
+    (linear interpolation, antialiased when shrinking), non-negative and summing to 1."""
+    kernels = jnp.asarray(kernels, jnp.float32)
+    out = jax.image.resize(kernels, (kernels.shape[0], size, size), "linear", antialias=True)
+    out = jnp.maximum(out, 0.0)
+    return out / jnp.maximum(out.sum(axis=(1, 2), keepdims=True), 1e-12)
+
+
+@functools.partial(jax.jit, static_argnames=("kernel_net", "steps", "lr"))
+def refit_kernel_net(kernel_net: unet.KernelNet, params: Any, z_kernel: jax.Array,
+                     target: jax.Array, *, steps: int, lr: float) -> Any:
+    """Kernel-network parameters moved by ``steps`` Adam steps (rate ``lr``) until every
+    head's kernel matches ``target`` ``(G, k, k)``: minimises the cross-entropy
+    ``-Σ target · log T_K(z)`` per head (each head is a softmax over its k² logits, so this
+    is convex in the logits and zero-gradient exactly at the target)."""
+    adam = optax.adam(lr)
+
+    def loss(p):
+        kernels = kernel_net.apply(p, z_kernel)
+        return -jnp.sum(target * jnp.log(kernels + 1e-12))
+
+    def step(carry, _):
+        p, opt = carry
+        updates, opt = adam.update(jax.grad(loss)(p), opt, p)
+        return (optax.apply_updates(p, updates), opt), None
+
+    (params, _), _ = jax.lax.scan(step, (params, adam.init(params)), None, length=steps)
+    return params
+
+
+def start_level(model: MCEMModel, coarse: MCEMState, coarse_kernels: jax.Array, *,
+                key: jax.Array, refit_steps: int, refit_lr: float) -> MCEMState:
+    """The initial state of one image at a finer level, from the coarser level's end.
+
+    A fresh `init_state` for ``model`` (new noise inputs of the finer size, new sampler
+    and moments), with the coarse chain's image-network parameters carried (the networks
+    are fully convolutional, so they apply at any size) and the kernel network refitted
+    (`refit_kernel_net`) to ``coarse_kernels`` upsampled to this level's kernel size
+    (`resize_kernels`).
+    """
+    state = init_state(model, key=key)
+    k = model.method.kernel_size
+    target = resize_kernels(coarse_kernels, k)
+    params = refit_kernel_net(model.kernel_net, state.kernel_params, state.z_kernel, target,
+                              steps=refit_steps, lr=refit_lr)
+    image_params = coarse.chain.params
+    chain = state.chain._replace(params=image_params,
+                                 sampler=model.sampler(_raw_key(key)).init(image_params))
+    return state._replace(chain=chain, kernel_params=params,
+                          adam=model.adam.init(params))
+
+
+def _coarse_levels(blurry: jax.Array, hparams: MCEMHParams, model: MCEMModel,
+                   keys: jax.Array, mesh: Any,
+                   level_callback: Optional[Callable[[int, int, int, int], None]]
+                   ) -> MCEMState:
+    """Runs ``hparams.run.levels`` on the resized ``(B, H, W, C)`` batch, coarsest first,
+    each level started from the one below (`start_level`), and returns the (batched)
+    initial state of the full-resolution ``model``.
+
+    Level ``(scale, n)``: the image resized by ``scale`` (antialiased), the kernel size
+    `level_kernel_size`, the same filter-flow grid, ``n`` EM iterations (warm-up the
+    config's, capped at ``n``; no refinement phase, no kernel prior). Image ``b`` of level ``l`` draws its
+    noise from ``fold_in(key_b, l + 1)``, so batched and single runs agree.
+    """
+    run, method = hparams.run, hparams.method
+    batch, h, w, c = blurry.shape
+    levels = tuple((float(scale), int(n)) for scale, n in run.levels)
+    sharding = None
+    if mesh is not None:
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    stack = lambda states: jax.tree.map(lambda *xs: jnp.stack(xs), *states)  # noqa: E731
+    state = level_model = kernels = None
+    for index, (scale, iterations) in enumerate(levels):
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        # The kernel prior is over full-size kernels: coarse levels run without it.
+        level_method = dataclasses.replace(
+            method, kernel_size=level_kernel_size(method.kernel_size, scale),
+            kernel_prior_weight=0.0)
+        level_run = dataclasses.replace(
+            run, em_iterations=iterations, refine_iterations=0, levels=(),
+            warmup_iterations=min(run.warmup_iterations, iterations))
+        small = jax.image.resize(blurry, (batch, *size, c), "linear", antialias=True)
+        level_keys = [jax.random.fold_in(k, index + 1) for k in keys]
+        new_model = build_model(small.shape[1:], level_method)
+        if state is None:
+            state = stack([init_state(new_model, key=k) for k in level_keys])
+        else:
+            state = stack([start_level(new_model, jax.tree.map(lambda x: x[b], state),
+                                       kernels[b], key=level_keys[b],
+                                       refit_steps=run.level_refit_steps,
+                                       refit_lr=run.level_refit_lr)
+                           for b in range(batch)])
+        level_model = new_model
+        if sharding is not None:
+            small, state = jax.device_put((small, state), sharding)
+        steps = _Steps(level_model.image_shape, MCEMHParams(level_method, level_run), None,
+                       mesh)
+        report = None
+        if level_callback is not None:
+            report = (lambda it, _s, _f, index=index, n=iterations:
+                      level_callback(index, len(levels), it, n))
+        state, _ = _iterate(steps, level_run, small, state, report)
+        uniform = iteration_phase(level_run, iterations)[0]
+        kernels = np.stack([np.asarray(_kernels(
+            level_model, jax.tree.map(lambda x: x[b], state.kernel_params),
+            state.z_kernel[b], uniform)) for b in range(batch)])
+    return stack([start_level(model, jax.tree.map(lambda x: x[b], state), kernels[b],
+                              key=keys[b], refit_steps=run.level_refit_steps,
+                              refit_lr=run.level_refit_lr)
+                  for b in range(batch)])
+
+
 def deblur(
     blurry: Any,
     config: Any,
@@ -1053,11 +1266,15 @@ def deblur(
     state: Optional[MCEMState] = None,
     callback: Optional[Callable[[int, MCEMState, Any], None]] = None,
     known_kernels: Any = None,
+    level_callback: Optional[Callable[[int, int, int, int], None]] = None,
 ) -> MCEMResult:
     """Blind deblurring of one image, or a batch of same-size images, by Deep EM.
 
-    Runs ``config.em_iterations`` MCEM iterations (the first ``config.warmup_iterations``
-    with one kernel for every cell), then ``config.refine_iterations`` cold ones (the E-step
+    With ``config.levels`` (coarse to fine, `_coarse_levels`) and no ``state``, the blurry
+    image is first solved at each of those scales and the full-resolution run starts from
+    the last of them (image network carried, kernel network refitted to the upsampled
+    kernels). Then it runs ``config.em_iterations`` MCEM iterations (the first
+    ``config.warmup_iterations`` with one kernel for every cell), then ``config.refine_iterations`` cold ones (the E-step
     at ``config.refine_temperature``, see `refine_method`), then a last E-step whose
     post-burn-in samples give the posterior mean; the standard deviation is that of the
     sampling phase. Iterations are counted across both phases (``state.iteration``, the
@@ -1082,6 +1299,11 @@ def deblur(
             by the batch. The E-steps sample the image posterior for these kernels (the
             M-step is skipped); the result's kernels are these. Also the ceiling of a blind
             run on synthetic data (the image the sampler reaches with the true kernels).
+            ``config.levels`` is not used then.
+        level_callback: called as ``level_callback(level, levels, iteration, iterations)``
+            after every ``config.log_every`` iterations of a coarse level (``callback``
+            sees only the full-resolution run, whose states it may checkpoint: a run
+            stopped during the coarse levels starts them again).
 
     Returns:
         An `MCEMResult` (arrays with a leading batch axis when the input had one).
@@ -1113,32 +1335,17 @@ def deblur(
     if mesh is not None:
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
         blurry = jax.device_put(blurry, sharding)
-    if state is None:
+    if state is None and run.levels and known_kernels is None:
+        state = _coarse_levels(blurry, hparams, model, keys, mesh, level_callback)
+    elif state is None:
         # Eager per-image initialisation: compiling the vmapped initialisers (threefry and
         # every layer's init) took minutes on the CPU; running them op by op takes a second.
         state = jax.tree.map(lambda *xs: jnp.stack(xs),
                              *[init_state(model, key=k) for k in keys])
     if sharding is not None:
         state = jax.device_put(state, sharding)
-    history = []
-    start = int(np.asarray(state.iteration).reshape(-1)[0])
+    state, history = _iterate(steps, run, blurry, state, callback)
     total = total_iterations(run)
-    for it in range(start, total):
-        phase = iteration_phase(run, it)
-        if phase[1] and it == run.em_iterations:
-            state = steps.snapshot(state)
-        state = steps.iteration(state, blurry, phase)
-        last = it + 1 == total
-        if (it + 1) % run.log_every == 0 or last:
-            fit = np.asarray(steps.data_fit(state, blurry, phase))
-            if not np.all(np.isfinite(fit)):
-                raise DataFitError(
-                    f"data fit is {fit.tolist()} at EM iteration {it + 1}: the chain diverged. "
-                    "Lower config.step_size or raise config.noise_sigma, and resume from the "
-                    "last checkpoint")
-            history.append((it + 1, fit.tolist()))
-            if callback is not None:
-                callback(it + 1, state, fit)
     phase = iteration_phase(run, total)
     state = steps.e_step(state, blurry, phase)
     image, kernels, std, fit = (np.asarray(a) for a in steps.result(state, blurry, phase))

@@ -17,7 +17,7 @@ ROWS = ("blur per_pixel_blur k=19 fwd", "blur per_pixel_blur k=19 fwd+bwd",
         "flow latent_to_kernel", "flow log_prob", "UFPNet tiny train step (stage III)",
         "UFPNet official inference (TLC, row blocks)", "Deep EM E-step lax.scan, 1/call",
         "Deep EM E-step unrolled, 1/call", "Deep EM M-step (1 Adam step)",
-        "Deep EM whole run, estimate")
+        "Deep EM whole run, estimate", "photo deblur (Deep EM command")
 
 
 @pytest.mark.slow

@@ -12,7 +12,10 @@ the last good checkpoint is kept. Several processes (a multi-host run, `jaxdeblu
 split each batch between them and write one set of results (`deblur_group`).
 With ``config.refine_iterations = N`` the cold refinement
 phase follows the EM iterations; the progress bar and checkpoints count across both
-phases, so a finished run re-run with a larger N continues its refinement.
+phases, so a finished run re-run with a larger N continues its refinement. With
+``config.levels`` the coarse levels run first, each with its own progress bar, and are not
+checkpointed (a run stopped there starts them again; they cost a fraction of the
+full-size iterations).
 
 `TiledMCEM` is the ``jaxdeblur`` command's MCEM: one photo, whole or by overlapping cells,
 with each cell's kernels placed at their centres in photo coordinates (`kernel_centres`).
@@ -210,9 +213,21 @@ def deblur_group(batch: np.ndarray, config, workdir: str | pathlib.Path, key: ja
         if it % config.checkpoint_every == 0 or it == total:
             ckpt.save(it, to_saved(st))  # host copy first: the next step donates st
 
+    level_bars = {}
+
+    def level_callback(level, levels, it, iterations):
+        # Coarse levels (config.levels) run before the checkpointed full-size iterations.
+        if level not in level_bars:
+            level_bars[level] = logging_lib.progress(
+                total=iterations, desc=f"MCEM {group} level {level + 1}/{levels + 1} "
+                f"(scale {config.levels[level][0]})", disable=not mesh_lib.is_primary())
+        level_bars[level].update(it - level_bars[level].n)
+        if it == iterations:
+            level_bars[level].close()
+
     try:
         result = mcem.deblur(batch, config, key=keys, mesh=mesh, state=state,
-                             callback=callback)
+                             callback=callback, level_callback=level_callback)
     except mcem.DataFitError as err:
         ckpt.close()
         raise mcem.DataFitError(
