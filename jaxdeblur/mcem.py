@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdeblur import blur, configs
+from jaxdeblur import blur, configs, flow
 from jaxdeblur.nets import unet
 
 __all__ = [
@@ -684,7 +684,6 @@ def build_model(blurry_shape: tuple, config: Any, known_kernels: Any = None) -> 
 
 @functools.lru_cache(maxsize=4)
 def _load_kernel_prior(which: str):
-    from jaxdeblur import flow  # the flow (distrax) is imported only when a run uses it
     return flow.load_pretrained(which)
 
 
