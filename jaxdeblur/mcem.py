@@ -1205,8 +1205,8 @@ def _coarse_levels(blurry: jax.Array, hparams: MCEMHParams, model: MCEMModel,
 
     Level ``(scale, n)``: the image resized by ``scale`` (antialiased), the kernel size
     `level_kernel_size`, the same filter-flow grid, ``n`` EM iterations (warm-up the
-    config's, capped at ``n``; no refinement phase, no kernel prior). Image ``b`` of level ``l`` draws its
-    noise from ``fold_in(key_b, l + 1)``, so batched and single runs agree.
+    config's, capped at ``n``; no refinement phase, no kernel prior). Image ``b`` of level
+    ``l`` draws its noise from ``fold_in(key_b, l + 1)``, so batched and single runs agree.
     """
     run, method = hparams.run, hparams.method
     batch, h, w, c = blurry.shape
@@ -1214,8 +1214,13 @@ def _coarse_levels(blurry: jax.Array, hparams: MCEMHParams, model: MCEMModel,
     sharding = None
     if mesh is not None:
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    stack = lambda states: jax.tree.map(lambda *xs: jnp.stack(xs), *states)  # noqa: E731
-    state = level_model = kernels = None
+
+    def start(level_model, state, kernels, level_keys):
+        return _stack([start_level(level_model, _image(state, b), kernels[b],
+                                   key=level_keys[b], refit_steps=run.level_refit_steps,
+                                   refit_lr=run.level_refit_lr) for b in range(batch)])
+
+    state = kernels = None
     for index, (scale, iterations) in enumerate(levels):
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
         # The kernel prior is over full-size kernels: coarse levels run without it.
@@ -1227,16 +1232,11 @@ def _coarse_levels(blurry: jax.Array, hparams: MCEMHParams, model: MCEMModel,
             warmup_iterations=min(run.warmup_iterations, iterations))
         small = jax.image.resize(blurry, (batch, *size, c), "linear", antialias=True)
         level_keys = [jax.random.fold_in(k, index + 1) for k in keys]
-        new_model = build_model(small.shape[1:], level_method)
+        level_model = build_model(small.shape[1:], level_method)
         if state is None:
-            state = stack([init_state(new_model, key=k) for k in level_keys])
+            state = _stack([init_state(level_model, key=k) for k in level_keys])
         else:
-            state = stack([start_level(new_model, jax.tree.map(lambda x: x[b], state),
-                                       kernels[b], key=level_keys[b],
-                                       refit_steps=run.level_refit_steps,
-                                       refit_lr=run.level_refit_lr)
-                           for b in range(batch)])
-        level_model = new_model
+            state = start(level_model, state, kernels, level_keys)
         if sharding is not None:
             small, state = jax.device_put((small, state), sharding)
         steps = _Steps(level_model.image_shape, MCEMHParams(level_method, level_run), None,
@@ -1247,13 +1247,19 @@ def _coarse_levels(blurry: jax.Array, hparams: MCEMHParams, model: MCEMModel,
                       level_callback(index, len(levels), it, n))
         state, _ = _iterate(steps, level_run, small, state, report)
         uniform = iteration_phase(level_run, iterations)[0]
-        kernels = np.stack([np.asarray(_kernels(
-            level_model, jax.tree.map(lambda x: x[b], state.kernel_params),
-            state.z_kernel[b], uniform)) for b in range(batch)])
-    return stack([start_level(model, jax.tree.map(lambda x: x[b], state), kernels[b],
-                              key=keys[b], refit_steps=run.level_refit_steps,
-                              refit_lr=run.level_refit_lr)
-                  for b in range(batch)])
+        kernels = [np.asarray(_kernels(level_model, _image(state.kernel_params, b),
+                                       state.z_kernel[b], uniform)) for b in range(batch)]
+    return start(model, state, kernels, keys)
+
+
+def _stack(states: list) -> Any:
+    """One batched pytree from per-image pytrees (leading axis: the image)."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def _image(tree: Any, b: int) -> Any:
+    """Image ``b`` of a batched pytree."""
+    return jax.tree.map(lambda x: x[b], tree)
 
 
 def deblur(
@@ -1273,7 +1279,8 @@ def deblur(
     image is first solved at each of those scales and the full-resolution run starts from
     the last of them (image network carried, kernel network refitted to the upsampled
     kernels). Then it runs ``config.em_iterations`` MCEM iterations (the first
-    ``config.warmup_iterations`` with one kernel for every cell), then ``config.refine_iterations`` cold ones (the E-step
+    ``config.warmup_iterations`` with one kernel for every cell), then
+    ``config.refine_iterations`` cold ones (the E-step
     at ``config.refine_temperature``, see `refine_method`), then a last E-step whose
     post-burn-in samples give the posterior mean; the standard deviation is that of the
     sampling phase. Iterations are counted across both phases (``state.iteration``, the
@@ -1339,8 +1346,7 @@ def deblur(
     elif state is None:
         # Eager per-image initialisation: compiling the vmapped initialisers (threefry and
         # every layer's init) took minutes on the CPU; running them op by op takes a second.
-        state = jax.tree.map(lambda *xs: jnp.stack(xs),
-                             *[init_state(model, key=k) for k in keys])
+        state = _stack([init_state(model, key=k) for k in keys])
     if sharding is not None:
         state = jax.device_put(state, sharding)
     state, history = _iterate(steps, run, blurry, state, callback)
