@@ -7,9 +7,9 @@ Runs what `jaxdeblur deblur PHOTO --method mcem` runs (the shipped `photo` confi
 handled as the command does: kernel on the luminance, every channel restored), and writes per
 photo ``docs/real/<name>.jpg``: the input and the result side by side with a zoomed crop of
 each (the most detailed square) and the estimated kernel in the corner. Prints a markdown
-table: photo, size, kernel size, the no-reference checks (`photo.kernel_spread` of the
-estimate, re-blur residual RMS of the result) and the wall time (compilation included for
-the first photo, as a user sees it).
+table: photo, size, kernel size, the no-reference checks (`photo.estimate_spread` and
+`photo.kernel_pieces` of the estimate, re-blur residual RMS of the result) and the wall
+time (compilation included for the first photo, as a user sees it).
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ def main():
     settings = photo.settings_from_config(configs.load("photo", args.set))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print("| photo | size | kernel | kernel spread | re-blur RMS | time (s) | note |")
-    print("|---|---|---|---|---|---|---|")
+    print("| photo | size | kernel | kernel spread | pieces | re-blur RMS | time (s) | note |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, path in photos(pathlib.Path(args.data)):
         if args.only and args.only not in name:
             continue
@@ -83,9 +83,11 @@ def main():
         with Image.open(out / f"{name}.png") as im:
             im.convert("RGB").save(out / f"{name}.jpg", quality=85)
         (out / f"{name}.png").unlink()
-        note = "returned unchanged (diffuse estimate)" if result.warning else ""
+        note = ("returned unchanged (" + ("diffuse estimate" if "diffuse" in result.warning
+                                          else "estimate in pieces") + ")"
+                if result.warning else "")
         print(f"| {name} | {image.shape[1]}x{image.shape[0]} | {k.shape[0]} | "
-              f"{photo.kernel_spread(k):.1f} | "
+              f"{photo.estimate_spread(k, settings):.1f} | {photo.kernel_pieces(k)} | "
               f"{reblur_residual(image, result.restored, k):.4f} | {seconds:.1f} | {note} |",
               flush=True)
 

@@ -93,6 +93,17 @@ def test_nonnegative_kernel_fit_is_feasible_and_fits_better_than_clipping():
     assert _padded_cosine(estimate, kernel) > 0.9
 
 
+def test_centring_a_kernel_drops_taps_past_the_edge_instead_of_wrapping_them():
+    k = np.zeros((9, 9))
+    k[4, 7:9] = [0.5, 0.4]           # the path at the right edge ...
+    k[4, 0] = 0.1                     # ... and a faint tap at the far left
+    centred = blind.centre_kernel(k)  # shifted 3 left: the faint tap leaves the window
+    assert centred[:, 6:].sum() == 0 and centred[4, 0] == 0   # wrapped, it would be at col 6
+    assert centred[4, 4:6] == pytest.approx([0.5 / 0.9, 0.4 / 0.9])
+    assert centred.sum() == pytest.approx(k.sum())
+    assert np.array_equal(blind.centre_kernel(centred), centred)   # centred stays put
+
+
 def test_coarse_to_fine_recovers_a_known_kernel():
     kernel = _stroke(9)
     blurry, _ = _blurred(kernel, 96)
@@ -101,6 +112,26 @@ def test_coarse_to_fine_recovers_a_known_kernel():
     assert [size for _, size in estimate.levels] == [9, 11]            # two levels
     assert _padded_cosine(estimate.kernel, kernel) > 0.85
     assert estimate.kernel.min() >= 0 and abs(estimate.kernel.sum() - 1) < 1e-5
+
+
+def test_the_last_fit_keeps_fainter_taps_of_a_path_only():
+    kernel = _stroke(9)
+    blurry, _ = _blurred(kernel, 96)
+    run = lambda **c: blind.estimate_kernel(blurry, _settings(  # noqa: E731
+        max_kernel_size=11, coarsest_kernel=7, **c)).full_kernel
+    strict = run(final_threshold=0.1)                 # off: every fit at threshold 0.1
+    path = run(final_threshold=0.02, final_max_spread=5.5)
+    diffuse = run(final_threshold=0.02, final_max_spread=0.5)   # treated as diffuse
+    np.testing.assert_allclose(diffuse, strict, atol=1e-6)
+    assert (path > 0).sum() > (strict > 0).sum()      # the faint taps are kept ...
+    # ... and they are all the last fit changed: cleaned at 0.1 it is the strict estimate
+    settings = photo.settings_from_config(configs.load("photo"))
+    recleaned = blind.clean_kernel(path, threshold=0.1, min_component=0.1)
+    assert metrics.kernel_cosine_similarity(recleaned, strict, max_shift=1) > 0.999
+    assert photo.estimate_spread(path, settings) == pytest.approx(
+        photo.estimate_spread(strict, settings), abs=0.2)
+    with pytest.raises(ValueError, match="final_threshold"):
+        _settings(final_threshold=0.2)
 
 
 def test_automatic_kernel_size_follows_the_blur_extent():
@@ -250,6 +281,25 @@ def test_a_diffuse_estimate_leaves_the_photo_unchanged_with_a_warning():
     result = photo.deblur_uniform(blurry[..., None], settings)
     np.testing.assert_array_equal(result.restored[..., 0], blurry)
     assert "returned unchanged" in result.warning and "kernel_size" in result.warning
+
+
+def test_an_estimate_in_several_pieces_is_not_used(monkeypatch):
+    """A camera path is one connected piece; two strokes apart are not one blur."""
+    path = _stroke(15)
+    two = np.zeros((15, 15), np.float32)
+    two[2, 2:7] = 1
+    two[10:14, 11] = 1
+    diagonal = np.eye(15, dtype=np.float32)          # 8-neighbours: one piece
+    assert [photo.kernel_pieces(k) for k in (path, two, diagonal)] == [1, 2, 1]
+    blurry, _ = _blurred(_stroke(9), 64)
+    settings = photo.settings_from_config(configs.load("photo", ["kernel_size=13",
+                                                                 "estimation.iterations=2"]))
+    monkeypatch.setattr(photo, "kernel_pieces", lambda kernel: 2)
+    result = photo.deblur_uniform(blurry[..., None], settings)
+    np.testing.assert_array_equal(result.restored[..., 0], blurry)
+    assert "2 separate pieces" in result.warning and "returned unchanged" in result.warning
+    with pytest.raises(ValueError, match="max_kernel_pieces"):
+        dataclasses.replace(settings, max_kernel_pieces=0)
 
 
 def test_the_sharpest_of_several_estimates_is_kept():
