@@ -52,6 +52,7 @@ __all__ = [
     "fit_kernel",
     "clean_kernel",
     "kernel_spread",
+    "estimate_spread",
     "centre_kernel",
     "resize_kernel",
     "crop_kernel_by_energy",
@@ -377,6 +378,16 @@ def kernel_spread(kernel: np.ndarray) -> float:
     return float((kernel > 0).sum() / kernel.shape[0])
 
 
+def estimate_spread(kernel: np.ndarray, settings: KernelEstimation) -> float:
+    """`kernel_spread` of an estimate as cleaned during the estimation (taps below
+    ``settings.threshold`` of its maximum removed, cropped by ``settings.energy``): the
+    same whether or not the last fit kept fainter taps (``final_threshold``); cleaning is
+    idempotent, so an estimate already cleaned at ``threshold`` is measured as it is."""
+    cleaned = clean_kernel(kernel, threshold=settings.threshold,
+                           min_component=settings.min_component)
+    return kernel_spread(crop_kernel_by_energy(cleaned, settings.energy))
+
+
 def centre_kernel(k: np.ndarray) -> np.ndarray:
     """Shifts the kernel (integer pixels) so its centre of mass is at the middle tap.
 
@@ -571,8 +582,7 @@ def estimate_kernel(blurry: np.ndarray, settings: KernelEstimation, *,
                                   min_component=settings.min_component)
             if (index == len(levels) - 1 and iteration == settings.iterations - 1
                     and settings.final_threshold < settings.threshold
-                    and kernel_spread(crop_kernel_by_energy(kernel, settings.energy))
-                    <= settings.final_max_spread):
+                    and estimate_spread(kernel, settings) <= settings.final_max_spread):
                 kernel = clean_kernel(np.asarray(raw), threshold=settings.final_threshold,
                                       min_component=settings.min_component)
             lam = max(lam / settings.lambda_decay, settings.lambda_min)

@@ -178,12 +178,8 @@ kernel_spread = blind.kernel_spread
 
 
 def estimate_spread(kernel: np.ndarray, settings: PhotoSettings) -> float:
-    """`kernel_spread` of an estimate as cleaned during the estimation (taps below
-    ``estimation.threshold`` of its maximum removed, cropped by energy): the diffuse check,
-    unchanged by the fainter taps the final fit may keep (``estimation.final_threshold``)."""
-    e = settings.estimation
-    cleaned = blind.clean_kernel(kernel, threshold=e.threshold, min_component=e.min_component)
-    return kernel_spread(blind.crop_kernel_by_energy(cleaned, e.energy))
+    """`blind.estimate_spread` with the photo's estimation settings: the diffuse check."""
+    return blind.estimate_spread(kernel, settings.estimation)
 
 
 def kernel_pieces(kernel: np.ndarray) -> int:
