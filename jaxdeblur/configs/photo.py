@@ -60,7 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
     # (paper: 5) alternations per level; (measured, Lai, 512 crop) 15: error ratio <= 2 on
     # 6/16 vs 4/16, mean 19.93 vs 18.84 dB; 30: no better on manmade_03.
     # (measured, stand-in) 25: error ratio <= 2 on 14/16 as 15, kernel cosine 0.818 vs
-    # 0.779, but 28.45 vs 28.60 dB (astronaut k4 1.66 -> 3.92).
+    # 0.779, but 28.45 vs 28.60 dB (astronaut k4 1.66 -> 3.92). 30 at the finest level
+    # only (a field tried and removed): 13/16, cosine 0.825, 28.47 dB (astronaut k2-k4 2.04 / 2.40 / 4.02); the same
+    # with lambda and the edge fraction held after the 15th: 12/16, 28.08 dB.
     e.iterations = 15
     e.lambda_grad = 4e-3          # (paper) L0 weight; (measured) 8e-3: 6/16 vs 8/16 ER<=2
     # (measured, stand-in) 2e-3: 12/16 vs 14/16, 28.07 vs 28.60 dB (chelsea k4 diffuse).
@@ -127,7 +129,7 @@ def get_config() -> ml_collections.ConfigDict:
     # (measured, stand-in, this session's estimates, weight 1e-3) alpha 0.8 / 0.67 / 0.5:
     # 28.60 / 28.21 / 27.62 dB (true kernel 30.73 / 29.98 / 29.02). The error-ratio count
     # rises (14 -> 16 of 16) only because the true-kernel restoration loses more: a
-    # stronger prior is not a better restoration, so the count is not a reason to pick one.
+    # stronger prior is not a better restoration, so the count alone does not choose it.
     r.alpha = 0.8
     r.beta_init = 1.0             # (paper: Krishnan & Fergus 2009) schedule
     r.beta_max = 256.0
