@@ -2,6 +2,7 @@
 
     python benchmarks/real_data.py --lai ../shared/data/lai          # Lai et al. uniform set
     python benchmarks/real_data.py --standin                         # Levin-like stand-in
+    python benchmarks/real_data.py --standin --noise 0.01            # ... noisier
     python benchmarks/real_data.py --lai ../shared/data/lai --set estimation.kernel_reg=50
 
 Both run `jaxdeblur.photo.deblur_uniform` with the shipped `photo` config (what
@@ -140,6 +141,8 @@ def main():
                         help="the Levin-like stand-in (kernels read from --kernels DIR)")
     parser.add_argument("--kernels", default=str(REPO.parent / "shared" / "data" / "lai"),
                         help="folder with kernel_npy/ for the stand-in")
+    parser.add_argument("--noise", type=float, default=0.005,
+                        help="the stand-in's Gaussian noise std (before 8-bit quantisation)")
     parser.add_argument("--only", default=None, help="a substring of the image names")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of the photo config")
@@ -149,7 +152,7 @@ def main():
         images = lai_images(pathlib.Path(args.lai))
         rows = []
     elif args.standin:
-        images = standin_images(pathlib.Path(args.kernels))
+        images = standin_images(pathlib.Path(args.kernels), noise=args.noise)
         rows = []
     else:
         parser.error("pass --lai DIR or --standin")

@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     # 27.92 dB; non-negative (50 steps): thinner strokes on Lai's 55-75 px kernels, people_02
     # k3 6.51 -> 2.53 but manmade_03 k2 1.15 -> 3.97, stand-in 9/16, 27.29 dB. All three,
     # the sparsest kept: stand-in 13/16, 28.24 dB (the best of three: 14/16, 28.48).
+    # A fourth, (0.1, 0) (25 px on the stand-in): kept on 4 images, 14/16, 28.60 dB: no gain.
     c.candidates = ((0.15, 0), (0.2, 0), (0.15, 50))
     c.min_kernel_size = 15        # ... within these bounds
     c.max_kernel_size = 85
@@ -61,8 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
     # 6/16 vs 4/16, mean 19.93 vs 18.84 dB; 30: no better on manmade_03.
     # (measured, stand-in) 25: error ratio <= 2 on 14/16 as 15, kernel cosine 0.818 vs
     # 0.779, but 28.45 vs 28.60 dB (astronaut k4 1.66 -> 3.92). 30 at the finest level
-    # only (a field tried and removed): 13/16, cosine 0.825, 28.47 dB (astronaut k2-k4 2.04 / 2.40 / 4.02); the same
-    # with lambda and the edge fraction held after the 15th: 12/16, 28.08 dB.
+    # only (a field tried and removed): 13/16, cosine 0.825, 28.47 dB (astronaut k2-k4
+    # 2.04 / 2.40 / 4.02); the same with lambda and the edge fraction held after the
+    # 15th: 12/16, 28.08 dB.
     e.iterations = 15
     e.lambda_grad = 4e-3          # (paper) L0 weight; (measured) 8e-3: 6/16 vs 8/16 ER<=2
     # (measured, stand-in) 2e-3: 12/16 vs 14/16, 28.07 vs 28.60 dB (chelsea k4 diffuse).
