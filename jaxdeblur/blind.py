@@ -51,6 +51,7 @@ __all__ = [
     "select_gradients",
     "fit_kernel",
     "clean_kernel",
+    "kernel_pieces",
     "kernel_spread",
     "estimate_spread",
     "centre_kernel",
@@ -360,7 +361,7 @@ def clean_kernel(kernel: np.ndarray, *, threshold: float, min_component: float) 
         return out.astype(np.float32)
     k[k < threshold * k.max()] = 0
     k /= k.sum()
-    labels, n = ndimage.label(k > 0, structure=np.ones((3, 3)))
+    labels, n = _pieces(k)
     if n > 1:
         mass = ndimage.sum(k, labels, index=np.arange(1, n + 1))
         for index, m in enumerate(mass, start=1):
@@ -368,6 +369,20 @@ def clean_kernel(kernel: np.ndarray, *, threshold: float, min_component: float) 
                 k[labels == index] = 0
     k /= k.sum()
     return centre_kernel(k).astype(np.float32)
+
+
+def _pieces(kernel: np.ndarray):
+    """(labels, count) of the connected pieces (8-neighbours) of the kernel's support."""
+    return ndimage.label(np.asarray(kernel) > 0, structure=np.ones((3, 3)))
+
+
+def kernel_pieces(kernel: np.ndarray) -> int:
+    """Connected pieces (8-neighbours) of the kernel's support. A camera path is one
+    piece; `clean_kernel` already removes pieces under ``min_component`` of the mass, so a
+    second piece here holds a real share of it — two blurs, not one path. (Measured:
+    every one of 64 candidate estimates on Lai and the stand-in with error ratio below 2.6
+    is one piece; 10 of the 20 above it are several.)"""
+    return int(_pieces(kernel)[1])
 
 
 def kernel_spread(kernel: np.ndarray) -> float:
