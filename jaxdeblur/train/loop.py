@@ -207,8 +207,27 @@ def train_loop(
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if stop:
+        if previous.get(stop[0], signal.SIG_DFL) == signal.SIG_DFL:
+            _leave_distributed()
         signal.raise_signal(stop[0])
     return state
+
+
+def _leave_distributed() -> None:
+    """Before a signal's default action ends this process: leaves the multi-process run
+    together with the others.
+
+    The default action (SIGTERM) ends the process at once, without the exit handlers that
+    shut JAX's distributed client down. Process 0 hosts the coordination service: ended
+    that way while a peer is still closing its checkpoints, it takes the service with it,
+    and the peer's client aborts (SIGABRT) instead of ending as the signal asks.
+    ``jax.distributed.shutdown`` waits at the service's shutdown barrier until every
+    process has reached it, then disconnects, so each ends by the signal on its own.
+    A handler that raises (SIGINT's ``KeyboardInterrupt``) leaves this to the exit
+    handlers, after the program has unwound.
+    """
+    if jax.process_count() > 1 and jax.distributed.is_initialized():
+        jax.distributed.shutdown()
 
 
 def _stop_agreed(stop: list[int], sync: bool) -> bool:
