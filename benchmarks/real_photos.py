@@ -8,7 +8,8 @@ handled as the command does: kernel on the luminance, every channel restored), a
 photo ``docs/real/<name>.jpg``: the input and the result side by side with a zoomed crop of
 each (the most detailed square) and the estimated kernel in the corner. Prints a markdown
 table: photo, size, kernel size, the no-reference checks (`photo.estimate_spread` and
-`photo.kernel_pieces` of the estimate, re-blur residual RMS of the result) and the wall
+`photo.kernel_pieces` of the estimate, re-blur residual RMS of the result), the photo's
+noise and the restoration's prior weight (`photo.restoration_weight`) and the wall
 time (compilation included for the first photo, as a user sees it).
 """
 
@@ -65,14 +66,16 @@ def main():
     settings = photo.settings_from_config(configs.load("photo", args.set))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print("| photo | size | kernel | kernel spread | pieces | re-blur RMS | time (s) | note |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| photo | size | kernel | kernel spread | pieces | noise σ / prior weight | "
+          "re-blur RMS | time (s) | note |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, path in photos(pathlib.Path(args.data)):
         if args.only and args.only not in name:
             continue
         image = io.read_image(path, channels=3)
+        lossy = io.read_image_info(path).format in io.LOSSY_FORMATS   # as the command does
         start = time.perf_counter()
-        result = photo.deblur_uniform(image, settings)
+        result = photo.deblur_uniform(image, settings, lossy=lossy)
         seconds = time.perf_counter() - start
         k = result.kernel
         viz.comparison_figure([image, result.restored],
@@ -83,12 +86,13 @@ def main():
         with Image.open(out / f"{name}.png") as im:
             im.convert("RGB").save(out / f"{name}.jpg", quality=85)
         (out / f"{name}.png").unlink()
+        weight = "-" if result.weight is None else f"{result.weight:.1e}"
         note = ("returned unchanged (" + ("diffuse estimate" if "diffuse" in result.warning
                                           else "estimate in pieces") + ")"
                 if result.warning else "")
         print(f"| {name} | {image.shape[1]}x{image.shape[0]} | {k.shape[0]} | "
               f"{photo.estimate_spread(k, settings):.1f} | {photo.kernel_pieces(k)} | "
-              f"{reblur_residual(image, result.restored, k):.4f} | {seconds:.1f} | {note} |",
+              f"{result.noise:.4f} / {weight} | {reblur_residual(image, result.restored, k):.4f} | {seconds:.1f} | {note} |",
               flush=True)
 
 

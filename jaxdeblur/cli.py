@@ -332,9 +332,12 @@ def cmd_deblur(args) -> int:
         if resumable:
             state_file.parent.mkdir(exist_ok=True)
             done_file.unlink(missing_ok=True)
+            # The white-noise estimate does not see JPEG's errors: a higher prior floor.
+            lossy = ({"lossy": info.format in io.LOSSY_FORMATS}
+                     if isinstance(runner, photo.PhotoDeblurrer) else {})
             try:
                 result = _run_photo(runner, image, linear=args.linear, key=key,
-                                    state_file=state_file)
+                                    state_file=state_file, **lossy)
             except KeyboardInterrupt:
                 if state_file.exists():
                     print(f"{PROG}: interrupted; {path}'s progress is saved in {state_file}: "

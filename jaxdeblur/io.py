@@ -40,6 +40,9 @@ _PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}
 # ITU-R BT.601 luma, as PIL's convert("L").
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 _TIFF_SUFFIXES = (".tif", ".tiff")
+# Lossily compressed formats (`ImageInfo.format`, Pillow's names; MPO is a camera's
+# multi-picture JPEG): their errors are not white noise (`photo.restoration_weight`).
+LOSSY_FORMATS = ("JPEG", "MPO", "WEBP")
 
 
 class ImageReadError(ValueError, OSError):

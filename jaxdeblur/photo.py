@@ -32,13 +32,22 @@ __all__ = ["Restoration", "PhotoSettings", "settings_from_config", "luminance",
            "kernel_size_for", "PhotoResult", "deblur_uniform", "restore", "fingerprint",
            "save_state", "load_state", "PhotoDeblurrer", "kernel_spread", "estimate_spread",
            "kernel_pieces", "estimate_field", "restore_field", "cell_centres", "PhotoState",
-           "normalized_sparsity"]
+           "normalized_sparsity", "restoration_weight"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Restoration:
-    """Settings of the non-blind solver (`deconv.uniform`; see its docstring)."""
+    """Settings of the non-blind solver (`deconv.uniform`; see its docstring).
+
+    ``weight`` is the prior weight of the choice among candidate kernels; the final
+    restoration's is `restoration_weight`: ``max(min_weight, noise_weight · σ)`` with σ
+    the photo's noise (`deconv.estimate_noise`), or ``weight`` when ``noise_weight`` is 0;
+    ``lossy_min_weight`` replaces ``min_weight`` for lossily compressed photos (JPEG).
+    """
     weight: float
+    noise_weight: float
+    min_weight: float
+    lossy_min_weight: float
     alpha: float
     beta_init: float
     beta_max: float
@@ -216,11 +225,36 @@ class PhotoResult(NamedTuple):
     chosen: int = 0                        # the candidate kept (index among the distinct)
     scores: tuple = ()                     # normalized_sparsity per distinct candidate
     #                                        (None: diffuse or not compared)
+    noise: Optional[float] = None          # the photo's noise σ (`restoration_weight`)
+    weight: Optional[float] = None         # the final restoration's prior weight
+
+
+def restoration_weight(blurry: np.ndarray, settings: PhotoSettings, *,
+                       lossy: bool = False) -> tuple[float, float]:
+    """The final restoration's prior weight for ``blurry`` (H, W, C), and its noise σ.
+
+    ``max(min_weight, noise_weight · σ)``, σ the mean over channels of
+    `deconv.estimate_noise`: a noisier photo needs a stronger prior, a clean one keeps
+    more detail; the floor holds back the ringing an estimated kernel's errors bring
+    (measured in `jaxdeblur/configs/photo.py`). ``lossy``: the photo was lossily
+    compressed (JPEG), whose block and ringing errors the white-noise estimate does not
+    see and a light prior amplifies; the floor is then ``lossy_min_weight``.
+    ``noise_weight = 0``: ``weight``.
+    """
+    r = settings.restoration
+    sigma = float(np.mean(np.asarray(deconv.estimate_noise(jnp.asarray(blurry, jnp.float32)))))
+    if r.noise_weight == 0:
+        return float(r.weight), sigma
+    floor = r.lossy_min_weight if lossy else r.min_weight
+    return max(float(floor), float(r.noise_weight) * sigma), sigma
 
 
 def restore(blurry: np.ndarray, kernel: np.ndarray, settings: PhotoSettings,
-            *, mcem_config: Any = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Non-blind restoration of every channel of ``blurry`` ``(H, W, C)`` with ``kernel``."""
+            *, mcem_config: Any = None,
+            lossy: bool = False) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Non-blind restoration of every channel of ``blurry`` ``(H, W, C)`` with ``kernel``
+    (the hyper-Laplacian one with the weight `restoration_weight` chooses; ``lossy``:
+    the photo was JPEG-compressed)."""
     if settings.restorer == "dip":
         if mcem_config is None:
             raise ValueError("restorer 'dip' needs the MCEM config (mcem_config)")
@@ -230,16 +264,17 @@ def restore(blurry: np.ndarray, kernel: np.ndarray, settings: PhotoSettings,
         result = mcem.deblur(jnp.asarray(blurry), config, known_kernels=np.asarray(kernel))
         return (np.clip(np.asarray(result.image), 0, 1),
                 np.asarray(result.uncertainty))
-    return _restore_sparse(blurry, kernel, settings), None
+    weight, _ = restoration_weight(blurry, settings, lossy=lossy)
+    return _restore_sparse(blurry, kernel, settings, weight), None
 
 
-def _restore_sparse(blurry: np.ndarray, kernel: np.ndarray,
-                    settings: PhotoSettings) -> np.ndarray:
+def _restore_sparse(blurry: np.ndarray, kernel: np.ndarray, settings: PhotoSettings,
+                    weight: float) -> np.ndarray:
     """The hyper-Laplacian restoration (`deconv.uniform`) of every channel, in [0, 1]."""
     r = settings.restoration
     restored = deconv.uniform(
         jnp.asarray(blurry, jnp.float32), jnp.asarray(kernel, jnp.float32),
-        weight=r.weight, alpha=r.alpha, beta_init=r.beta_init, beta_max=r.beta_max,
+        weight=weight, alpha=r.alpha, beta_init=r.beta_init, beta_max=r.beta_max,
         beta_rate=r.beta_rate, inner_iterations=r.inner_iterations,
         cg_iterations=r.cg_iterations, newton_iterations=r.newton_iterations,
         margin=r.margin)
@@ -250,8 +285,8 @@ def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
                    progress: Optional[Callable[[str, float, bool], None]] = None,
                    mcem_config: Any = None,
                    resume: Optional[PhotoState] = None,
-                   on_state: Optional[Callable[[PhotoState], None]] = None
-                   ) -> PhotoResult:
+                   on_state: Optional[Callable[[PhotoState], None]] = None,
+                   lossy: bool = False) -> PhotoResult:
     """Blind deblurring of a photo blurred by one (uniform) kernel.
 
     Args:
@@ -265,6 +300,8 @@ def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
       resume: a `PhotoState` saved by ``on_state`` for the same photo and settings: the
         run goes on from there and ends as the uninterrupted one.
       on_state: called with the `PhotoState` after every alternation of every estimate.
+      lossy: the photo was lossily compressed (JPEG): the restoration's prior weight
+        keeps the higher floor (`restoration_weight`).
 
     Returns:
       `PhotoResult`.
@@ -352,15 +389,16 @@ def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
                            "; the photo is returned unchanged. A blur this large or this "
                            "complex may need --set kernel_size=... (odd, the blur's extent "
                            "in pixels) or a spatially varying estimate (--set "
-                           "'field_grid=(2,3)')")
+                           "'field_grid=(2,3)')",
+                           noise=restoration_weight(image, settings, lossy=lossy)[1])
     chosen, scores = usable[0], [None] * len(plans)
     if len(usable) > 1:
         if progress is not None:
             progress(f"choosing among {len(usable)} kernel estimates (sharpest restoration "
                      "of the crop)", sum(estimate_work) / total, True)
         for i in usable:
-            scores[i] = normalized_sparsity(_restore_sparse(patch[..., None], estimates[i],
-                                                            settings)[..., 0])
+            scores[i] = normalized_sparsity(_restore_sparse(
+                patch[..., None], estimates[i], settings, settings.restoration.weight)[..., 0])
         chosen = min(usable, key=lambda i: scores[i])
     kernel, plan = estimates[chosen], plans[chosen]
     size = plan.max_kernel_size
@@ -376,16 +414,21 @@ def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
             progress(f"restoring {image.shape[0]}x{image.shape[1]}x{image.shape[2]} with "
                      f"{len(kernels)} kernels of {kernels.shape[1]}x{kernels.shape[1]}",
                      (before_field + cells * cell_work) / total, True)
-        restored = restore_field(image, kernels, geometry, settings)
+        restored = restore_field(image, kernels, geometry, settings, lossy=lossy)
+        weight, sigma = restoration_weight(image, settings, lossy=lossy)
         return PhotoResult(restored, kernel, crop, size, None, kernels,
-                           cell_centres(geometry), chosen=chosen, scores=tuple(scores))
+                           cell_centres(geometry), chosen=chosen, scores=tuple(scores),
+                           noise=sigma, weight=weight)
     if progress is not None:
         progress(f"restoring {image.shape[0]}x{image.shape[1]}x{image.shape[2]} with a "
                  f"{kernel.shape[0]}x{kernel.shape[0]} kernel "
                  f"({settings.restorer})", before_field / total, True)
-    restored, uncertainty = restore(image, kernel, settings, mcem_config=mcem_config)
+    restored, uncertainty = restore(image, kernel, settings, mcem_config=mcem_config,
+                                    lossy=lossy)
+    weight, sigma = restoration_weight(image, settings, lossy=lossy)
     return PhotoResult(restored, kernel, crop, size, uncertainty, chosen=chosen,
-                       scores=tuple(scores))
+                       scores=tuple(scores), noise=sigma,
+                       weight=weight if settings.restorer == "hyper_laplacian" else None)
 
 
 def cell_centres(geometry) -> np.ndarray:
@@ -438,13 +481,14 @@ def estimate_field(gray: np.ndarray, kernel: np.ndarray, settings: PhotoSettings
 
 
 def restore_field(blurry: np.ndarray, kernels: np.ndarray, geometry,
-                  settings: PhotoSettings) -> np.ndarray:
+                  settings: PhotoSettings, *, lossy: bool = False) -> np.ndarray:
     """Non-blind restoration of every channel with a kernel field (`deconv.filter_flow`,
-    the same hyper-Laplacian prior as `restore`)."""
+    the same hyper-Laplacian prior and weight as `restore`)."""
     r = settings.restoration
+    weight, _ = restoration_weight(blurry, settings, lossy=lossy)
     restored = deconv.filter_flow(
         jnp.asarray(blurry, jnp.float32), jnp.asarray(kernels, jnp.float32), geometry,
-        weight=r.weight, alpha=r.alpha, beta_init=r.beta_init, beta_max=r.beta_max,
+        weight=weight, alpha=r.alpha, beta_init=r.beta_init, beta_max=r.beta_max,
         beta_rate=r.beta_rate, inner_iterations=r.inner_iterations,
         cg_iterations=r.cg_iterations, newton_iterations=r.newton_iterations)
     return np.clip(np.asarray(restored), 0, 1)
@@ -498,7 +542,7 @@ def load_state(path: pathlib.Path, key: str) -> Optional[PhotoState]:
 class PhotoDeblurrer:
     """`deblur_uniform` behind the interface of the command's runners.
 
-    ``deblur(image, key=..., state_file=...)`` returns ``{"image", "kernels" (1, k, k),
+    ``deblur(image, key=..., state_file=..., lossy=...)`` returns ``{"image", "kernels" (1, k, k),
     "centres" (1, 2), "metrics", ["uncertainty"]}``; ``progress(line)`` receives a line at
     every pyramid level (and every ``progress_every`` seconds within one) with the elapsed
     time and an estimate of the time left (work counted in pixels per level). With a
@@ -513,7 +557,7 @@ class PhotoDeblurrer:
         self.progress_every = progress_every
 
     def deblur(self, image: np.ndarray, *, key=None,
-               state_file: Optional[pathlib.Path] = None) -> dict:
+               state_file: Optional[pathlib.Path] = None, lossy: bool = False) -> dict:
         del key  # the estimate is deterministic
         start = time.perf_counter()
         last = [-math.inf]
@@ -545,7 +589,7 @@ class PhotoDeblurrer:
 
         result = deblur_uniform(image, self.settings, progress=report,
                                 mcem_config=self.mcem_config, resume=resume,
-                                on_state=on_state)
+                                on_state=on_state, lossy=lossy)
         k = result.kernel.shape[0]
         rows, cols = result.crop
         out = {"image": result.restored, "kernels": result.kernel[None],
@@ -559,7 +603,9 @@ class PhotoDeblurrer:
         if result.uncertainty is not None:
             out["uncertainty"] = result.uncertainty.mean(-1)
         if self.progress is not None:
-            self.progress(f"done: {k}x{k} kernel (searched {result.searched_size}) in "
+            prior = ("" if result.weight is None else
+                     f", noise {result.noise:.4f}, prior weight {result.weight:.1e}")
+            self.progress(f"done: {k}x{k} kernel (searched {result.searched_size}{prior}) in "
                           f"{time.perf_counter() - start:.1f} s")
         return out
 

@@ -8,6 +8,7 @@ tiny UFPNet weights. Bad-input checks call ``cli.main`` in-process (faster; same
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -318,6 +319,29 @@ def test_evaluate_paired_folders_identity_baseline(tmp_path, capsys):
     assert code == 1 and "no sharp image" in capsys.readouterr().err
 
 
+def test_mcem_command_tells_the_deblurrer_which_photos_are_jpeg(tmp_path, monkeypatch):
+    """`--method mcem` passes ``lossy`` for JPEG inputs only (their compression errors are
+    not the white noise `photo.restoration_weight` measures); the deblurrer is replaced by
+    an identity that records it."""
+    from jaxdeblur import photo
+
+    seen = {}
+
+    def fake_deblur(self, image, *, key=None, state_file=None, lossy=False):
+        seen[pathlib.Path(state_file).name] = lossy
+        return {"image": image, "kernels": np.full((1, 5, 5), 0.04, np.float32),
+                "centres": np.zeros((1, 2), np.float32), "metrics": [], "kernel_size": 5}
+
+    monkeypatch.setattr(photo.PhotoDeblurrer, "deblur", fake_deblur)
+    (tmp_path / "in").mkdir()
+    pixels = (np.random.default_rng(0).uniform(size=(40, 48, 3)) * 255).astype(np.uint8)
+    for name in ("a.jpg", "b.png"):
+        Image.fromarray(pixels).save(tmp_path / "in" / name)
+    code = cli.main(["deblur", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
+                     "--method", "mcem", "--device", "cpu"])
+    assert code == 0 and seen == {"a.jpg.npz": True, "b.png.npz": False}, seen
+
+
 def test_mcem_by_cells_blends_regions_and_keeps_kernels(monkeypatch):
     """The cell logic of TiledMCEM with MCEM replaced by an identity 'deblurrer' (the real
     MCEM is exercised end to end above; here only tiling, kernel centres and metrics)."""
@@ -415,6 +439,10 @@ def test_mcem_command_makes_a_blurry_photo_sharper(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "kernel level 1/" in result.stderr and "s left)" in result.stderr, result.stderr
     assert "restoring 64x64x1" in result.stderr and (out / "b_kernels.png").exists()
+    # The photo's noise measured and the prior's weight set from it (0.1 σ above the floor).
+    found = re.search(r"noise (0\.\d+), prior weight ([\d.e+-]+)", result.stderr)
+    assert found and 0.007 < float(found[1]) < 0.013, result.stderr[-3000:]
+    assert float(found[2]) == pytest.approx(0.1 * float(found[1]), rel=0.06)
     with Image.open(out / "b.png") as im:
         assert im.size == (size, size) and im.mode.startswith("I")
         restored = np.asarray(im).astype(np.float64) / 65535
