@@ -92,7 +92,8 @@ def main():
                 if result.warning else "")
         print(f"| {name} | {image.shape[1]}x{image.shape[0]} | {k.shape[0]} | "
               f"{photo.estimate_spread(k, settings):.1f} | {photo.kernel_pieces(k)} | "
-              f"{result.noise:.4f} / {weight} | {reblur_residual(image, result.restored, k):.4f} | {seconds:.1f} | {note} |",
+              f"{result.noise:.4f} / {weight} | "
+              f"{reblur_residual(image, result.restored, k):.4f} | {seconds:.1f} | {note} |",
               flush=True)
 
 

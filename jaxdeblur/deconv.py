@@ -407,10 +407,11 @@ def uniform(blurry: jax.Array, kernel: jax.Array, *, weight: float, alpha: float
     (measured best of {5e-4, 1e-3, 2e-3} with 15-px kernels; 5e-4 for 27-px kernels);
     scale weight with σ (`estimate_noise`; measured with the true 13–27 px kernels on
     255² photos: best 2e-4–4e-4 at σ 0.005, 7e-4 at 0.01, 2e-3 at 0.02), higher when the
-    kernel is an estimate (its errors ring; `photo.restoration_weight`). α = 2/3 … 0.8 for natural images (Krishnan & Fergus),
-    α = 1 is total variation, α = 2 a Gaussian (Tikhonov) gradient prior. The default
-    schedule is Krishnan & Fergus's (β = 1 … 181, 6 values, one inner iteration each;
-    2–3 inner iterations gain 0.1–0.3 dB at 2–3× the time).
+    kernel is an estimate (its errors ring; `photo.restoration_weight`). α = 2/3 … 0.8
+    for natural images (Krishnan & Fergus), α = 1 is total variation, α = 2 a Gaussian
+    (Tikhonov) gradient prior. The default schedule is Krishnan & Fergus's (β = 1 … 181,
+    6 values, one inner iteration each; 2–3 inner iterations gain 0.1–0.3 dB at 2–3× the
+    time).
 
     Args:
       blurry: (H, W, C) float in [0, 1], every channel blurred by the same kernel.

@@ -304,8 +304,9 @@ def test_an_estimate_in_several_pieces_is_not_used(monkeypatch):
 
 def test_the_restoration_weight_follows_the_noise():
     """`photo.restoration_weight`: the floor on a clean photo (a higher one for a JPEG),
-    noise_weight · σ on a noisy one, the fixed weight when noise_weight is 0; with the true kernel the adapted weight
-    restores both a clean and a noisy photo better than one fixed weight does."""
+    noise_weight · σ on a noisy one, the fixed weight when noise_weight is 0; with the
+    true kernel the adapted weight restores both a clean and a noisy photo better than one
+    fixed weight does."""
     kernel = _stroke(11)
     settings = photo.settings_from_config(configs.load("photo"))
     r = settings.restoration
