@@ -250,11 +250,11 @@ def restoration_weight(blurry: np.ndarray, settings: PhotoSettings, *,
 
 
 def restore(blurry: np.ndarray, kernel: np.ndarray, settings: PhotoSettings,
-            *, mcem_config: Any = None,
-            lossy: bool = False) -> tuple[np.ndarray, Optional[np.ndarray]]:
+            *, mcem_config: Any = None, lossy: bool = False,
+            weight: Optional[float] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Non-blind restoration of every channel of ``blurry`` ``(H, W, C)`` with ``kernel``
-    (the hyper-Laplacian one with the weight `restoration_weight` chooses; ``lossy``:
-    the photo was JPEG-compressed)."""
+    (the hyper-Laplacian one with ``weight``, by default the one `restoration_weight`
+    chooses; ``lossy``: the photo was JPEG-compressed)."""
     if settings.restorer == "dip":
         if mcem_config is None:
             raise ValueError("restorer 'dip' needs the MCEM config (mcem_config)")
@@ -264,7 +264,8 @@ def restore(blurry: np.ndarray, kernel: np.ndarray, settings: PhotoSettings,
         result = mcem.deblur(jnp.asarray(blurry), config, known_kernels=np.asarray(kernel))
         return (np.clip(np.asarray(result.image), 0, 1),
                 np.asarray(result.uncertainty))
-    weight, _ = restoration_weight(blurry, settings, lossy=lossy)
+    if weight is None:
+        weight, _ = restoration_weight(blurry, settings, lossy=lossy)
     return _restore_sparse(blurry, kernel, settings, weight), None
 
 
@@ -376,6 +377,7 @@ def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
     pieces = [kernel_pieces(k) for k in estimates]
     usable = [i for i in range(len(done)) if spreads[i] <= settings.max_kernel_spread
               and pieces[i] <= settings.max_kernel_pieces]
+    weight, sigma = restoration_weight(image, settings, lossy=lossy)
     if not usable:
         k = estimates[0].shape[0]
         why = (f"a diffuse cloud ({spreads[0]:.1f} taps per pixel of its side, more than "
@@ -390,7 +392,7 @@ def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
                            "complex may need --set kernel_size=... (odd, the blur's extent "
                            "in pixels) or a spatially varying estimate (--set "
                            "'field_grid=(2,3)')",
-                           noise=restoration_weight(image, settings, lossy=lossy)[1])
+                           noise=sigma)
     chosen, scores = usable[0], [None] * len(plans)
     if len(usable) > 1:
         if progress is not None:
@@ -414,8 +416,7 @@ def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
             progress(f"restoring {image.shape[0]}x{image.shape[1]}x{image.shape[2]} with "
                      f"{len(kernels)} kernels of {kernels.shape[1]}x{kernels.shape[1]}",
                      (before_field + cells * cell_work) / total, True)
-        restored = restore_field(image, kernels, geometry, settings, lossy=lossy)
-        weight, sigma = restoration_weight(image, settings, lossy=lossy)
+        restored = restore_field(image, kernels, geometry, settings, weight=weight)
         return PhotoResult(restored, kernel, crop, size, None, kernels,
                            cell_centres(geometry), chosen=chosen, scores=tuple(scores),
                            noise=sigma, weight=weight)
@@ -424,8 +425,7 @@ def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
                  f"{kernel.shape[0]}x{kernel.shape[0]} kernel "
                  f"({settings.restorer})", before_field / total, True)
     restored, uncertainty = restore(image, kernel, settings, mcem_config=mcem_config,
-                                    lossy=lossy)
-    weight, sigma = restoration_weight(image, settings, lossy=lossy)
+                                    weight=weight)
     return PhotoResult(restored, kernel, crop, size, uncertainty, chosen=chosen,
                        scores=tuple(scores), noise=sigma,
                        weight=weight if settings.restorer == "hyper_laplacian" else None)
@@ -481,11 +481,13 @@ def estimate_field(gray: np.ndarray, kernel: np.ndarray, settings: PhotoSettings
 
 
 def restore_field(blurry: np.ndarray, kernels: np.ndarray, geometry,
-                  settings: PhotoSettings, *, lossy: bool = False) -> np.ndarray:
+                  settings: PhotoSettings, *, lossy: bool = False,
+                  weight: Optional[float] = None) -> np.ndarray:
     """Non-blind restoration of every channel with a kernel field (`deconv.filter_flow`,
     the same hyper-Laplacian prior and weight as `restore`)."""
     r = settings.restoration
-    weight, _ = restoration_weight(blurry, settings, lossy=lossy)
+    if weight is None:
+        weight, _ = restoration_weight(blurry, settings, lossy=lossy)
     restored = deconv.filter_flow(
         jnp.asarray(blurry, jnp.float32), jnp.asarray(kernels, jnp.float32), geometry,
         weight=weight, alpha=r.alpha, beta_init=r.beta_init, beta_max=r.beta_max,
