@@ -61,6 +61,7 @@ __all__ = [
     "state_to_arrays",
     "state_from_arrays",
     "estimate_kernel",
+    "polish_kernel",
     "informative_crop",
 ]
 
@@ -98,6 +99,12 @@ class KernelEstimation:
       dark_patch: side of the dark channel's window (odd).
       dark_start: μ starts at ``dark_weight / dark_start`` (Pan: the Otsu threshold of x²).
       dark_beta_max: last μ (doubling).
+      polish_iterations: alternations `polish_kernel` runs at full resolution from a
+        finished estimate ...
+      polish_lambda: ... with this L0 weight (and dark-channel weight, when that term is
+        on), held fixed: a near-photographic latent whose edges keep their own width, so
+        the kernel fit stops absorbing it ...
+      polish_threshold: ... and this tap threshold after every fit.
     """
 
     max_kernel_size: int
@@ -122,6 +129,9 @@ class KernelEstimation:
     dark_patch: int
     dark_start: float
     dark_beta_max: float
+    polish_iterations: int
+    polish_lambda: float
+    polish_threshold: float
 
     def __post_init__(self):
         if self.max_kernel_size < 3 or self.max_kernel_size % 2 == 0:
@@ -139,6 +149,11 @@ class KernelEstimation:
                              f"{self.final_threshold}, {self.threshold}")
         if not 0 < self.energy <= 1:
             raise ValueError(f"energy must lie in (0, 1], got {self.energy}")
+        if self.polish_iterations < 0 or self.polish_lambda <= 0 or not (
+                0 <= self.polish_threshold < 1):
+            raise ValueError(f"need polish_iterations >= 0, polish_lambda > 0 and 0 <= "
+                             f"polish_threshold < 1, got {self.polish_iterations}, "
+                             f"{self.polish_lambda}, {self.polish_threshold}")
         if self.dark_weight < 0 or self.dark_patch < 1 or self.dark_patch % 2 == 0:
             raise ValueError(f"dark_weight must be >= 0 and dark_patch odd, got "
                              f"{self.dark_weight}, {self.dark_patch}")
@@ -611,6 +626,57 @@ def estimate_kernel(blurry: np.ndarray, settings: KernelEstimation, *,
     return KernelEstimate(crop_kernel_by_energy(kernel, settings.energy), kernel,
                           None if latent is None else np.asarray(latent),
                           [(lv.shape, lv.kernel_size) for lv in levels])
+
+
+def _polish_plan(settings: KernelEstimation) -> KernelEstimation:
+    """The settings of `polish_kernel`'s alternations (the finest level of ``settings``)."""
+    lam = settings.polish_lambda
+    return dataclasses.replace(
+        settings, iterations=settings.polish_iterations, lambda_grad=lam,
+        lambda_min=min(settings.lambda_min, lam), dark_weight=lam if settings.dark_weight else 0.0,
+        threshold=settings.polish_threshold, final_threshold=settings.polish_threshold,
+        edge_fraction=settings.edge_fraction * settings.edge_decay ** settings.iterations)
+
+
+def polish_kernel(blurry: np.ndarray, kernel: np.ndarray, settings: KernelEstimation, *,
+                  progress: Optional[Callable[[int, int], None]] = None) -> KernelEstimate:
+    """``polish_iterations`` more alternations at full resolution from a finished estimate.
+
+    The coarse-to-fine estimate ends at the L0 weight its schedule reached (~1e-3): a
+    cartoon latent of ideal steps, against which the kernel fit explains the photo's own
+    soft edges as blur, and a path comes out two or three taps thick. Measured from the
+    true kernel (stand-in, noise 0.002): 15 finest-level alternations with the estimate's
+    settings end 3.9 dB below it in restoration PSNR; with ``polish_lambda`` 1e-4 and
+    ``polish_threshold`` 0.05 1.8 dB below. So the estimate, once its shape is found,
+    goes on at the lighter weight, held fixed (the dark-channel term too), with every
+    edge taking part (the edge fraction the schedule ended at, still growing).
+
+    Args:
+      blurry: ``(H, W)`` the gray image the estimate was made on.
+      kernel: ``(max_kernel_size, max_kernel_size)`` the estimate before cropping
+        (`KernelEstimate.full_kernel`).
+      settings: the `KernelEstimation` the estimate was made with.
+      progress: called as ``progress(iteration, polish_iterations)`` before each
+        alternation.
+
+    Returns:
+      `KernelEstimate` of the polished kernel (``kernel`` unchanged when
+      ``polish_iterations`` is 0).
+    """
+    kernel = np.asarray(kernel, np.float32)
+    if kernel.shape != (settings.max_kernel_size,) * 2:
+        raise ValueError(f"polish_kernel takes the full {settings.max_kernel_size}x"
+                         f"{settings.max_kernel_size} estimate, got {kernel.shape}")
+    if settings.polish_iterations == 0:
+        return KernelEstimate(crop_kernel_by_energy(kernel, settings.energy), kernel, None,
+                              [])
+    plan = _polish_plan(settings)
+    levels = pyramid(np.shape(blurry), plan)
+    start = EstimationState(len(levels) - 1, 0, kernel, plan.lambda_grad, plan.edge_fraction,
+                            plan.dark_weight)
+    report = None if progress is None else (
+        lambda index, count, level, iteration: progress(iteration, plan.iterations))
+    return estimate_kernel(blurry, plan, progress=report, resume=start)
 
 
 def informative_crop(gray: np.ndarray, size: int) -> tuple[slice, slice]:

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import skimage.data
+from scipy import ndimage
 
 from jaxdeblur import blind, blur, configs, deconv, metrics, photo
 
@@ -134,6 +135,33 @@ def test_the_last_fit_keeps_fainter_taps_of_a_path_only():
         _settings(final_threshold=0.2)
 
 
+def test_polishing_brings_an_estimate_closer_to_the_kernel():
+    """`blind.polish_kernel`: alternations at full resolution with a light L0 weight, from a
+    finished estimate, thin what the cartoon latent fattened."""
+    kernel = _stroke(9)
+    blurry, _ = _blurred(kernel, 96)
+    settings = _settings(max_kernel_size=11, coarsest_kernel=7)
+    estimate = blind.estimate_kernel(blurry, settings)
+    calls = []
+    polished = blind.polish_kernel(blurry, estimate.full_kernel, settings,
+                                   progress=lambda i, n: calls.append((i, n)))
+    assert calls == [(i, settings.polish_iterations) for i in range(settings.polish_iterations)]
+    # measured 0.876 -> 0.906 (noise 0.005)
+    assert _padded_cosine(polished.kernel, kernel) > _padded_cosine(estimate.kernel, kernel) + 0.01
+    assert polished.kernel.min() >= 0 and abs(polished.kernel.sum() - 1) < 1e-5
+    # from a thick start (the stroke under a 3x3 box): measured 0.585 -> 0.637
+    fat = ndimage.uniform_filter(np.pad(kernel, 1).astype(np.float64), 3, mode="constant")
+    fat = (fat / fat.sum()).astype(np.float32)
+    assert _padded_cosine(blind.polish_kernel(blurry, fat, settings).kernel, kernel) > \
+        _padded_cosine(fat, kernel) + 0.03
+    off = blind.polish_kernel(blurry, fat, dataclasses.replace(settings, polish_iterations=0))
+    np.testing.assert_array_equal(off.full_kernel, fat)
+    with pytest.raises(ValueError, match="full 11x11"):
+        blind.polish_kernel(blurry, fat[1:-1, 1:-1], settings)
+    with pytest.raises(ValueError, match="polish_lambda"):
+        _settings(polish_lambda=0.0)
+
+
 def test_automatic_kernel_size_follows_the_blur_extent():
     kernel = _stroke(13)
     blurry, sharp = _blurred(kernel, 128)
@@ -244,9 +272,11 @@ def test_kernel_field_follows_a_blur_that_changes_across_the_photo():
     scene = big[m:-m, m:-m].astype(np.float32)
     blurry = np.clip(blurry + 0.003 * np.random.default_rng(1).standard_normal(blurry.shape),
                      0, 1).astype(np.float32)
+    # the single kernel unpolished: the one the cells start from (the field is not polished)
     base = photo.settings_from_config(configs.load(
         "photo", ["kernel_size=21", "estimation.iterations=6", "field_levels=1",
-                  "field_crop=128", "candidates=((0.15, 0),)"]))
+                  "field_crop=128", "candidates=((0.15, 0),)",
+                  "estimation.polish_iterations=0"]))
     uniform = photo.deblur_uniform(blurry[..., None], base)
     field = photo.deblur_uniform(blurry[..., None],
                                  dataclasses.replace(base, field_grid=(1, 2)))
@@ -262,7 +292,8 @@ def test_kernel_field_follows_a_blur_that_changes_across_the_photo():
 
     print(f"blurry {psnr(blurry[..., None]):.2f} dB, one kernel "
           f"{psnr(uniform.restored):.2f} dB, field {psnr(field.restored):.2f} dB")
-    # Measured 24.70 dB blurry, 26.27 one kernel, 27.21 field (the true field: 32.74).
+    # Measured 24.70 dB blurry, 25.54 one kernel, 26.14 field (the true field: 32.74);
+    # the one kernel polished: 26.12.
     assert psnr(field.restored) > psnr(uniform.restored) + 0.5
 
 
