@@ -3,7 +3,8 @@
 The kernel is estimated on the luminance of the most informative crop of the photo
 (`blind.informative_crop`: strong, unsaturated edges; SelfDeblur's author advises a crop of
 about 500×500 for large photos), coarse to fine (`blind.estimate_kernel`), with a kernel
-size chosen from the image unless given; then every channel of the full-resolution photo is
+size chosen from the image unless given, and polished at full resolution with a light
+prior (`blind.polish_kernel`); then every channel of the full-resolution photo is
 restored with that kernel by a fast non-blind solver (`deconv.uniform`, hyper-Laplacian
 prior, masked 'valid' data term so the borders do not ring), or by Deep EM's DIP posterior
 mean with the kernel fixed (`restorer = "dip"`, `mcem.deblur(known_kernels=...)`), which
@@ -295,8 +296,8 @@ def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
       settings: `PhotoSettings`.
       progress: called as ``progress(line, fraction_done, milestone)`` before each
         alternation of the kernel estimate and before the restoration; the fraction counts
-        work in pixels; ``milestone`` is True at the start of a level and of the
-        restoration (the lines worth printing in any case).
+        work in pixels; ``milestone`` is True at the start of a level, of the kernel's
+        polish and of the restoration (the lines worth printing in any case).
       mcem_config: the MCEM config, needed only by ``restorer = "dip"``.
       resume: a `PhotoState` saved by ``on_state`` for the same photo and settings: the
         run goes on from there and ends as the uninterrupted one.
@@ -431,8 +432,11 @@ def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
                          (before_field + polish_work * iteration / count) / total,
                          iteration == 0)
 
-        kernel = _polished(patch, done[chosen], plan, settings,
-                           progress=polish_progress).kernel
+        polished = blind.polish_kernel(patch, done[chosen], plan, progress=polish_progress)
+        # kept while it is still one camera path (the checks every estimate passed above)
+        if (estimate_spread(polished.full_kernel, settings) <= settings.max_kernel_spread
+                and kernel_pieces(polished.kernel) <= settings.max_kernel_pieces):
+            kernel = polished.kernel
     if progress is not None:
         progress(f"restoring {image.shape[0]}x{image.shape[1]}x{image.shape[2]} with a "
                  f"{kernel.shape[0]}x{kernel.shape[0]} kernel "
@@ -442,18 +446,6 @@ def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
     return PhotoResult(restored, kernel, crop, size, uncertainty, chosen=chosen,
                        scores=tuple(scores), noise=sigma,
                        weight=weight if settings.restorer == "hyper_laplacian" else None)
-
-
-def _polished(gray: np.ndarray, full: np.ndarray, estimation: blind.KernelEstimation,
-              settings: PhotoSettings, *, progress=None) -> blind.KernelEstimate:
-    """`blind.polish_kernel` of an estimate, kept only while it is still one camera path
-    (the diffuse and pieces checks of `deblur_uniform`); otherwise the estimate itself."""
-    polished = blind.polish_kernel(gray, full, estimation, progress=progress)
-    if (estimate_spread(polished.full_kernel, settings) <= settings.max_kernel_spread
-            and kernel_pieces(polished.kernel) <= settings.max_kernel_pieces):
-        return polished
-    return blind.KernelEstimate(blind.crop_kernel_by_energy(full, estimation.energy), full,
-                                None, [])
 
 
 def cell_centres(geometry) -> np.ndarray:
