@@ -632,8 +632,8 @@ def _polish_plan(settings: KernelEstimation) -> KernelEstimation:
     """The settings of `polish_kernel`'s alternations (the finest level of ``settings``)."""
     lam = settings.polish_lambda
     return dataclasses.replace(
-        settings, iterations=settings.polish_iterations, lambda_grad=lam,
-        lambda_min=min(settings.lambda_min, lam), dark_weight=lam if settings.dark_weight else 0.0,
+        settings, iterations=settings.polish_iterations, lambda_grad=lam, lambda_min=lam,
+        dark_weight=lam if settings.dark_weight else 0.0,        # held: the floor is λ
         threshold=settings.polish_threshold, final_threshold=settings.polish_threshold,
         edge_fraction=settings.edge_fraction * settings.edge_decay ** settings.iterations)
 
