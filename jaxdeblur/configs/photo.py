@@ -125,9 +125,9 @@ def get_config() -> ml_collections.ConfigDict:
     # lambda 3e-4 (decaying to 1e-4) / 3e-5: 29.89 / 29.65 (noise 0.002, 5 iterations); at
     # noise 0.01 3e-4 / 1e-3 (both decaying to 1e-4): 27.45 / 25.76. End to end (`python
     # benchmarks/real_data.py --standin`): 29.00 -> 29.51 dB, error ratio <= 2 on 8 -> 11 of
-    # 16, kernel cosine 0.78 -> 0.85, 18-43 s per image; `--noise 0.002`: 28.99 -> 29.66 dB, 6 -> 10 of 16; Lai: 23.15 -> 23.14 dB, 11
-    # of 16 either way (11 of the 12 images with kernels 1-3 gain; people_02 k3 2.40 ->
-    # 6.19). Measured, not adopted: polishing every filter-flow cell's kernel (128 px
+    # 16, kernel cosine 0.78 -> 0.85, 18-43 s per image; `--noise 0.002`: 28.99 -> 29.66
+    # dB, 6 -> 10 of 16; Lai: 23.15 -> 23.14 dB, 11 of 16 either way (11 of the 12 images
+    # with kernels 1-3 gain; people_02 k3 2.40 -> 6.19). Measured, not adopted: polishing every filter-flow cell's kernel (128 px
     # cells of tests/test_blind.py's two-stroke field: 26.14 -> 23.31 dB); Pan et al.'s
     # own driver (lambda and the dark weight carried across levels to 1e-4, ridge 2,
     # threshold 0.05, 5 alternations per level): stand-in noise 0.002 28.99 -> 27.46 dB
