@@ -118,20 +118,20 @@ def get_config() -> ml_collections.ConfigDict:
     e.dark_beta_max = 8.0         # (paper)
     # The chosen estimate, polished at full resolution (`blind.polish_kernel`): this many
     # alternations at L0 weight polish_lambda (dark channel too), taps cleaned at
-    # polish_threshold. (measured, the cached chosen estimates polished offline, restored at
-    # the shipped weight) stand-in noise 0.002: 29.37 -> 29.91 dB with 5, 30.03 with 10
-    # (true kernel 32.69; 14 of 16 gain); noise 0.005: 29.00 -> 29.51 (31.97); noise 0.01:
-    # 27.48 -> 27.50 (mixed). Threshold 0.1 instead: 28.92 (the thin taps are the gain);
-    # lambda 3e-4 (decaying to 1e-4) / 3e-5: 29.89 / 29.65 (noise 0.002, 5 iterations); at
-    # noise 0.01 3e-4 / 1e-3 (both decaying to 1e-4): 27.45 / 25.76. End to end (`python
-    # benchmarks/real_data.py --standin`): 29.00 -> 29.51 dB, error ratio <= 2 on 8 -> 11 of
-    # 16, kernel cosine 0.78 -> 0.85, 18-43 s per image; `--noise 0.002`: 28.99 -> 29.66
-    # dB, 6 -> 10 of 16; Lai: 23.15 -> 23.14 dB, 11 of 16 either way (11 of the 12 images
-    # with kernels 1-3 gain; people_02 k3 2.40 -> 6.19). Measured, not adopted: polishing every filter-flow cell's kernel (128 px
-    # cells of tests/test_blind.py's two-stroke field: 26.14 -> 23.31 dB); Pan et al.'s
-    # own driver (lambda and the dark weight carried across levels to 1e-4, ridge 2,
-    # threshold 0.05, 5 alternations per level): stand-in noise 0.002 28.99 -> 27.46 dB
-    # (astronaut k1 worse than its input); the same with 15 per level worse still.
+    # polish_threshold. (measured, the cached chosen estimates polished offline, restored at the
+    # shipped weight) stand-in noise 0.002: 29.37 -> 29.91 dB with 5, 30.03 with 10 (true kernel
+    # 32.69; 14 of 16 gain); noise 0.005: 29.00 -> 29.51 (31.97); noise 0.01: 27.48 -> 27.50
+    # (mixed). Threshold 0.1 instead: 28.92 (the thin taps are the gain); lambda 3e-4 (decaying
+    # to 1e-4) / 3e-5: 29.89 / 29.65 (noise 0.002, 5 iterations); at noise 0.01 3e-4 / 1e-3
+    # (both decaying to 1e-4): 27.45 / 25.76. End to end (`python benchmarks/real_data.py
+    # --standin`): 29.00 -> 29.51 dB, error ratio <= 2 on 8 -> 11 of 16, kernel cosine 0.78 ->
+    # 0.85, 18-43 s per image; `--noise 0.002`: 28.99 -> 29.66 dB, 6 -> 10 of 16; Lai: 23.15 ->
+    # 23.14 dB, 11 of 16 either way (11 of the 12 images with kernels 1-3 gain; people_02 k3
+    # 2.40 -> 6.19). Measured, not adopted: polishing every filter-flow cell's kernel (128 px
+    # cells of tests/test_blind.py's two-stroke field: 26.14 -> 23.31 dB); Pan et al.'s own
+    # driver (lambda and the dark weight carried across levels to 1e-4, ridge 2, threshold 0.05,
+    # 5 alternations per level): stand-in noise 0.002 28.99 -> 27.46 dB (astronaut k1 worse than
+    # its input); the same with 15 per level worse still.
     e.polish_iterations = 10
     e.polish_lambda = 1e-4
     e.polish_threshold = 0.05
