@@ -127,11 +127,13 @@ def get_config() -> ml_collections.ConfigDict:
     # --standin`): 29.00 -> 29.51 dB, error ratio <= 2 on 8 -> 11 of 16, kernel cosine 0.78 ->
     # 0.85, 18-43 s per image; `--noise 0.002`: 28.99 -> 29.66 dB, 6 -> 10 of 16; Lai: 23.15 ->
     # 23.14 dB, 11 of 16 either way (11 of the 12 images with kernels 1-3 gain; people_02 k3
-    # 2.40 -> 6.19). Measured, not adopted: polishing every filter-flow cell's kernel (128 px
-    # cells of tests/test_blind.py's two-stroke field: 26.14 -> 23.31 dB); Pan et al.'s own
-    # driver (lambda and the dark weight carried across levels to 1e-4, ridge 2, threshold 0.05,
-    # 5 alternations per level): stand-in noise 0.002 28.99 -> 27.46 dB (astronaut k1 worse than
-    # its input); the same with 15 per level worse still.
+    # 2.40 -> 6.19). Measured, not adopted: polishing every candidate before the choice (a
+    # scratch run of the stand-in: 29.44 dB, 11 of 16; chelsea k4 27.72 -> 25.14); polishing
+    # every filter-flow cell's kernel (128 px cells of tests/test_blind.py's two-stroke field:
+    # 26.14 -> 23.31 dB); Pan et al.'s own driver (lambda and the dark weight carried across
+    # levels to 1e-4, ridge 2, threshold 0.05, 5 alternations per level): stand-in noise 0.002
+    # 28.99 -> 27.46 dB (astronaut k1 worse than its input); the same with 15 per level worse
+    # still.
     e.polish_iterations = 10
     e.polish_lambda = 1e-4
     e.polish_threshold = 0.05
