@@ -283,6 +283,12 @@ def _restore_sparse(blurry: np.ndarray, kernel: np.ndarray, settings: PhotoSetti
     return np.clip(np.asarray(restored), 0, 1)
 
 
+def _is_path(spread: float, pieces: int, settings: PhotoSettings) -> bool:
+    """An estimate the restoration may use: not a diffuse cloud (`estimate_spread`) and in
+    one camera path's number of pieces (`kernel_pieces`)."""
+    return spread <= settings.max_kernel_spread and pieces <= settings.max_kernel_pieces
+
+
 def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
                    progress: Optional[Callable[[str, float, bool], None]] = None,
                    mcem_config: Any = None,
@@ -346,7 +352,7 @@ def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
     before_field = sum(estimate_work) + choose_work
     # The chosen estimate is polished when the photo gets one kernel. Not the cells': on
     # 128 px cells (tests/test_blind.py's two-stroke field) polishing them loses 2.8 dB.
-    polish_work = patch.size * max(p.polish_iterations for p in plans) if cells == 1 else 0
+    polish_work = patch.size * settings.estimation.polish_iterations if cells == 1 else 0
     total = before_field + cells * cell_work + polish_work + \
         _RESTORATION_WORK * image.shape[0] * image.shape[1]
 
@@ -379,8 +385,7 @@ def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
                  for full in done]
     spreads = [estimate_spread(full, settings) for full in done]
     pieces = [kernel_pieces(k) for k in estimates]
-    usable = [i for i in range(len(done)) if spreads[i] <= settings.max_kernel_spread
-              and pieces[i] <= settings.max_kernel_pieces]
+    usable = [i for i in range(len(done)) if _is_path(spreads[i], pieces[i], settings)]
     weight, sigma = restoration_weight(image, settings, lossy=lossy)
     if not usable:
         k = estimates[0].shape[0]
@@ -433,9 +438,9 @@ def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
                          iteration == 0)
 
         polished = blind.polish_kernel(patch, done[chosen], plan, progress=polish_progress)
-        # kept while it is still one camera path (the checks every estimate passed above)
-        if (estimate_spread(polished.full_kernel, settings) <= settings.max_kernel_spread
-                and kernel_pieces(polished.kernel) <= settings.max_kernel_pieces):
+        # kept while it is still one camera path (the check every estimate passed above)
+        if _is_path(estimate_spread(polished.full_kernel, settings),
+                    kernel_pieces(polished.kernel), settings):
             kernel = polished.kernel
     if progress is not None:
         progress(f"restoring {image.shape[0]}x{image.shape[1]}x{image.shape[2]} with a "
