@@ -286,15 +286,21 @@ def test_kernel_field_follows_a_blur_that_changes_across_the_photo():
     assert _padded_cosine(field.kernels[0], left) > _padded_cosine(field.kernels[1], left)
     assert _padded_cosine(field.kernels[1], right) > _padded_cosine(field.kernels[0], right)
 
-    def psnr(x):
-        return float(metrics.psnr(jnp.asarray(x[12:-12, 12:-12]),
-                                  jnp.asarray(scene[12:-12, 12:-12, None])))
+    def psnr(x, columns):
+        return float(metrics.psnr(jnp.asarray(x[12:-12, columns]),
+                                  jnp.asarray(scene[12:-12, columns, None])))
 
-    print(f"blurry {psnr(blurry[..., None]):.2f} dB, one kernel "
-          f"{psnr(uniform.restored):.2f} dB, field {psnr(field.restored):.2f} dB")
-    # Measured 24.70 dB blurry, 25.54 one kernel, 26.14 field (the true field: 32.74);
-    # the one kernel polished: 26.12.
-    assert psnr(field.restored) > psnr(uniform.restored) + 0.5
+    halves = (slice(12, size // 2), slice(size // 2, -12))
+    gains = [psnr(field.restored, h) - psnr(uniform.restored, h) for h in halves]
+    print(f"blurry {psnr(blurry[..., None], slice(12, -12)):.2f} dB, one kernel "
+          f"{psnr(uniform.restored, slice(12, -12)):.2f} dB, field "
+          f"{psnr(field.restored, slice(12, -12)):.2f} dB; the field's gain per half "
+          f"{gains[0]:+.2f} / {gains[1]:+.2f} dB")
+    # Measured: the one kernel follows the right stroke (cosine 0.81 to it, 0.49 to the
+    # left); the field gains 1.86 dB on the left half and gives up 0.14 on the right
+    # (whole image 25.54 → 26.14 dB; the true field: 32.74). Per half, so that the margin
+    # does not hang on which stroke the single kernel happens to follow.
+    assert max(gains) > 1.0 and min(gains) > -0.5
 
 
 def test_a_diffuse_estimate_leaves_the_photo_unchanged_with_a_warning():
