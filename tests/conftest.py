@@ -10,6 +10,17 @@ _REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES_DIR = pathlib.Path(
     os.environ.get("JAXDEBLUR_FIXTURES", _REPO.parent / "shared" / "fixtures"))
 
+# One persistent XLA compilation cache for the whole run, set before jax is imported: the
+# two pytest-xdist workers and the subprocesses tests start (the command, the launcher,
+# 8-device runs) compile many of the same programs, and compilation, not computing, is most
+# of the MCEM tests' time (tests/test_mcem.py::test_deblur_result_shapes_and_ranges: 88 s
+# with a cold cache, 28 s with a warm one, on the 2-core machine). Kept under .pytest_cache
+# (git-ignored) between local runs; CI's fresh clone starts it empty. Tests that need a
+# cache of their own (tests/test_multiprocess.py) pass one to their processes.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(_REPO / ".pytest_cache" / "jax_compilation_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
 
 def load_fixture(name: str) -> dict:
     """Loads `shared/fixtures/<name>` as a dict of arrays, or skips the test with a reason."""
