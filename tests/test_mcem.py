@@ -13,6 +13,8 @@ import optax
 import pytest
 import scipy.stats
 
+from conftest import FAST_COMPILE_FLAGS
+
 from jaxdeblur import blur, kernels, mcem, metrics
 
 _MU = jnp.array([1.0, -2.0])
@@ -457,7 +459,8 @@ _SHARDED = textwrap.dedent("""
 
 
 def test_sharded_equals_unsharded_on_8_cpu_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ,
+               XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAGS}",
                JAX_PLATFORMS="cpu", PYTHONPATH=_REPO)
     code = _SHARDED.format(tests=os.path.join(_REPO, "tests"))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,

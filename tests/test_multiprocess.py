@@ -37,7 +37,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import config_flags
+from conftest import FAST_COMPILE_FLAGS, config_flags
 
 from jaxdeblur import launch
 
@@ -438,8 +438,9 @@ def test_deep_em_two_processes_equal_one(tmp_path, compilation_cache):
             [sys.executable, "train_scripts/mcem.py", f"--workdir={workdir}",
              *config_flags(MCEM_OVERRIDES), str(inputs)],
             processes=processes, local_devices=devices, log_dir=tmp_path / f"logs_{processes}",
-            compilation_cache=compilation_cache, env=_env(), cwd=REPO, timeout=RUN_TIMEOUT,
-            echo=False)
+            compilation_cache=compilation_cache, cwd=REPO, timeout=RUN_TIMEOUT, echo=False,
+            # the launcher adds each process's device count to these flags
+            env=dict(_env(), XLA_FLAGS=FAST_COMPILE_FLAGS))
         runs[processes] = workdir
         if processes == 2:
             assert "wrote" in (logs / "process_0.log").read_text()
