@@ -23,10 +23,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 #: XLA_FLAGS of the Deep EM subprocesses whose checks compare runs made under the same
 #: flags (2 processes against 1, sharded against unsharded): LLVM's optimisations off
-#: roughly halve their compilation, which is most of their time (`mcem.deblur` of a 20²
-#: image: 73 -> 33 s; the two tests 240 -> 150 s and 207 -> 143 s, measured in different
-#: runs of a slow day). Not for checks of measured figures: the rounding changes, and a
-#: Langevin chain with it. Not for the UFPNet runs either: their times did not fall.
+#: roughly halve their compilation. Not for checks of measured figures (the rounding, and a
+#: Langevin chain with it, changes) nor for the UFPNet runs (no faster): DEVELOPERS.md,
+#: "Tests", has the measurements.
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
 
 
