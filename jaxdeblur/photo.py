@@ -40,6 +40,9 @@ __all__ = ["Restoration", "PhotoSettings", "settings_from_config", "luminance",
 class Restoration:
     """Settings of the non-blind solver (`deconv.uniform`; see its docstring).
 
+    ``pnp_iterations > 0``: the final uniform restoration is then refined by
+    `deconv.pnp_refine` (plug-and-play with the DCT denoiser, ``pnp_*`` its settings).
+
     ``weight`` is the prior weight of the choice among candidate kernels; the final
     restoration's is `restoration_weight`: ``max(min_weight, noise_weight · σ)`` with σ
     the photo's noise (`deconv.estimate_noise`), or ``weight`` when ``noise_weight`` is 0;
@@ -57,6 +60,11 @@ class Restoration:
     cg_iterations: int
     newton_iterations: int
     margin: int
+    pnp_iterations: int
+    pnp_sigma_start: float
+    pnp_lambda: float
+    pnp_patch: int
+    pnp_threshold: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,7 +263,8 @@ def restore(blurry: np.ndarray, kernel: np.ndarray, settings: PhotoSettings,
             weight: Optional[float] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Non-blind restoration of every channel of ``blurry`` ``(H, W, C)`` with ``kernel``
     (the hyper-Laplacian one with ``weight``, by default the one `restoration_weight`
-    chooses; ``lossy``: the photo was JPEG-compressed)."""
+    chooses, refined by `deconv.pnp_refine` when ``restoration.pnp_iterations > 0``;
+    ``lossy``: the photo was JPEG-compressed)."""
     if settings.restorer == "dip":
         if mcem_config is None:
             raise ValueError("restorer 'dip' needs the MCEM config (mcem_config)")
@@ -267,7 +276,17 @@ def restore(blurry: np.ndarray, kernel: np.ndarray, settings: PhotoSettings,
                 np.asarray(result.uncertainty))
     if weight is None:
         weight, _ = restoration_weight(blurry, settings, lossy=lossy)
-    return _restore_sparse(blurry, kernel, settings, weight), None
+    restored = _restore_sparse(blurry, kernel, settings, weight)
+    r = settings.restoration
+    if r.pnp_iterations:
+        sigma = float(np.mean(np.asarray(deconv.estimate_noise(
+            jnp.asarray(blurry, jnp.float32)))))
+        restored = np.clip(np.asarray(deconv.pnp_refine(
+            jnp.asarray(blurry, jnp.float32), jnp.asarray(kernel, jnp.float32),
+            jnp.asarray(restored), noise=sigma, sigma_start=max(r.pnp_sigma_start, sigma),
+            lam=r.pnp_lambda, iterations=r.pnp_iterations, patch=r.pnp_patch,
+            threshold=r.pnp_threshold, cg_iterations=r.cg_iterations, margin=r.margin)), 0, 1)
+    return restored, None
 
 
 def _restore_sparse(blurry: np.ndarray, kernel: np.ndarray, settings: PhotoSettings,
