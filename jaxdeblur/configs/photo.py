@@ -208,9 +208,11 @@ def get_config() -> ml_collections.ConfigDict:
     #   true kernels: 31.97 -> 32.67 dB at λ 0.23 (DPIR's), 14 of 16 gain (up to +1.6 dB,
     #     astronaut k2), astronaut k4 -0.26; from the blurry image instead of the
     #     hyper-Laplacian restoration, 32 iterations from σ 0.1: 32.41;
-    #   estimated kernels: 29.80 -> 29.78 (λ 0.23) / 30.08 (λ 0.5): the small and mid
-    #     kernels gain (astronaut k1/k2 +1.0/+1.6 dB) but chelsea's fur under the estimates'
-    #     errors loses 1.4-2.5 dB (k2, k3) — a lighter prior rings with a wrong kernel.
+    #   estimated kernels: 29.80 -> 29.78 / 30.08 / 29.87 / 29.51 dB at λ 0.23 / 0.5 / 1 /
+    #     2. At 0.5 the small and mid kernels gain (astronaut k1 / k2 +1.0 / +1.6 dB) but
+    #     chelsea's fur under the estimates' errors loses 0.6 / 1.4 / 1.5 dB (k1 / k2 / k3;
+    #     at 0.23 1.2 / 2.5 / 2.6) — a lighter prior rings with a wrong kernel, a heavier
+    #     one (1, 2) flattens the rest.
     # Off until it is measured on Lai's set and the real photos (JPEG blocks, which the
     # white-noise estimate does not see): `python benchmarks/real_data.py --lai
     # ../shared/data/lai --set restoration.pnp_iterations=12` and `benchmarks/real_photos.py`
