@@ -330,14 +330,13 @@ def test_ufpnet_two_processes_equal_one_and_resume_after_sigkill(data_dir, tmp_p
                compilation_cache=compilation_cache, env=_env(), cwd=REPO,
                timeout=RUN_TIMEOUT, echo=False)
 
-    # 2 processes x 4 devices, the documented commands (``--tpu`` as on a pod: the
-    # launcher's variables take precedence); process 1 is killed once stage III has
-    # checkpointed step 4 and logged 3 more steps.
+    # 2 processes x 4 devices, the documented commands; process 1 is killed once stage III
+    # has checkpointed step 4 and logged 3 more steps.
     workdir = tmp_path / "two_processes"
     command = [sys.executable, "-m", "jaxdeblur.launch", "--processes", "2",
                "--local-devices", "4", "--grace", "5", "--timeout", str(RUN_TIMEOUT),
                "--compilation-cache", str(compilation_cache), "--",
-               sys.executable, "train_scripts/ufpnet.py", "--tpu", f"--workdir={workdir}",
+               sys.executable, "train_scripts/ufpnet.py", f"--workdir={workdir}",
                *config_flags({**UFPNET_OVERRIDES, "data.data_dir": str(data_dir)})]
     stage3 = workdir / "stage3"
     first_log = tmp_path / "first.log"
