@@ -340,6 +340,21 @@ def canvas_shape(image_hw, kernel_hw, margin: int) -> tuple[int, int]:
     return (blur.next_fast_len(h + kh - 1 + margin), blur.next_fast_len(w + kw - 1 + margin))
 
 
+def _masked_system(blurry, kernel, margin, dtype):
+    """What the masked 'valid' x-step needs on the FFT canvas: ``(canvas, K, |K|², mask,
+    rfft2, irfft2, Kᵀy's spectrum, the spectral dot)`` (see `uniform`)."""
+    h, w, _ = blurry.shape
+    canvas = canvas_shape((h, w), kernel.shape, margin)
+    spectrum = kernel_spectrum(kernel, canvas)
+    spectrum_sq = jnp.square(jnp.abs(spectrum)).astype(dtype)
+    mask = jnp.zeros(canvas + (1,), dtype).at[:h, :w].set(1.0)
+    rfft2 = functools.partial(jnp.fft.rfft2, axes=(0, 1))
+    irfft2 = functools.partial(jnp.fft.irfft2, s=canvas, axes=(0, 1))
+    y_canvas = jnp.pad(blurry, ((0, canvas[0] - h), (0, canvas[1] - w), (0, 0)))
+    data_rhs = spectrum * rfft2(y_canvas)
+    return canvas, spectrum, spectrum_sq, mask, rfft2, irfft2, data_rhs, _spectral_dot(canvas)
+
+
 @functools.partial(jax.jit, static_argnames=(
     "alpha", "betas", "inner_iterations", "cg_iterations", "newton_iterations", "margin"))
 def _uniform(blurry, kernel, weight, *, alpha, betas, inner_iterations, cg_iterations,
@@ -347,20 +362,12 @@ def _uniform(blurry, kernel, weight, *, alpha, betas, inner_iterations, cg_itera
     h, w, _ = blurry.shape
     dtype = jnp.result_type(blurry, kernel, jnp.float32)
     blurry, kernel = blurry.astype(dtype), kernel.astype(dtype)
-    canvas = canvas_shape((h, w), kernel.shape, margin)
-    spectrum = kernel_spectrum(kernel, canvas)
-    spectrum_sq = jnp.square(jnp.abs(spectrum)).astype(dtype)
-    gradient_sq = gradient_spectrum(canvas, dtype)
-    mask = jnp.zeros(canvas + (1,), dtype).at[:h, :w].set(1.0)
-
-    rfft2 = functools.partial(jnp.fft.rfft2, axes=(0, 1))
-    irfft2 = functools.partial(jnp.fft.irfft2, s=canvas, axes=(0, 1))
     # The x-step runs in the Fourier domain: the blur, its adjoint, ∇ᵀ∇ and the
     # preconditioner are diagonal there and only the mask is spatial, so one PCG step
     # costs one FFT pair (three with spatial iterates).
-    y_canvas = jnp.pad(blurry, ((0, canvas[0] - h), (0, canvas[1] - w), (0, 0)))
-    data_rhs = spectrum * rfft2(y_canvas)
-    dot = _spectral_dot(canvas)
+    canvas, spectrum, spectrum_sq, mask, rfft2, irfft2, data_rhs, dot = _masked_system(
+        blurry, kernel, margin, dtype)
+    gradient_sq = gradient_spectrum(canvas, dtype)
 
     def outer(x, beta):
         penalty = weight * beta
@@ -461,15 +468,8 @@ def _pnp_refine(blurry, kernel, init, noise, sigma_start, lam, *, iterations, pa
     h, w, _ = blurry.shape
     dtype = jnp.float32
     blurry, kernel, init = (a.astype(dtype) for a in (blurry, kernel, init))
-    canvas = canvas_shape((h, w), kernel.shape, margin)
-    spectrum = kernel_spectrum(kernel, canvas)
-    spectrum_sq = jnp.square(jnp.abs(spectrum)).astype(dtype)
-    mask = jnp.zeros(canvas + (1,), dtype).at[:h, :w].set(1.0)
-    rfft2 = functools.partial(jnp.fft.rfft2, axes=(0, 1))
-    irfft2 = functools.partial(jnp.fft.irfft2, s=canvas, axes=(0, 1))
-    y_canvas = jnp.pad(blurry, ((0, canvas[0] - h), (0, canvas[1] - w), (0, 0)))
-    data_rhs = spectrum * rfft2(y_canvas)
-    dot = _spectral_dot(canvas)
+    canvas, spectrum, spectrum_sq, mask, rfft2, irfft2, data_rhs, dot = _masked_system(
+        blurry, kernel, margin, dtype)
     filters = jnp.asarray(denoise.dct_filters(patch), dtype)
     denoise_all = jax.vmap(
         lambda c, s: denoise._denoise_channel(c, s, filters, patch, threshold),
