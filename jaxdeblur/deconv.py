@@ -470,15 +470,11 @@ def _pnp_refine(blurry, kernel, init, noise, sigma_start, lam, *, iterations, pa
     blurry, kernel, init = (a.astype(dtype) for a in (blurry, kernel, init))
     canvas, spectrum, spectrum_sq, mask, rfft2, irfft2, data_rhs, dot = _masked_system(
         blurry, kernel, margin, dtype)
-    filters = jnp.asarray(denoise.dct_filters(patch), dtype)
-    denoise_all = jax.vmap(
-        lambda c, s: denoise._denoise_channel(c, s, filters, patch, threshold),
-        in_axes=(-1, None), out_axes=-1)
     # The denoiser's strength falls geometrically from sigma_start to the noise.
     sigmas = jnp.exp(jnp.linspace(jnp.log(sigma_start), jnp.log(noise), iterations))
 
     def step(x, sigma):
-        z = denoise_all(x, sigma)
+        z = denoise._dct_denoise(x, sigma, patch=patch, threshold=threshold)
         rho = lam * jnp.square(noise / sigma)
 
         def apply_a(v):

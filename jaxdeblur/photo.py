@@ -260,11 +260,13 @@ def restoration_weight(blurry: np.ndarray, settings: PhotoSettings, *,
 
 def restore(blurry: np.ndarray, kernel: np.ndarray, settings: PhotoSettings,
             *, mcem_config: Any = None, lossy: bool = False,
-            weight: Optional[float] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+            weight: Optional[float] = None,
+            noise: Optional[float] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Non-blind restoration of every channel of ``blurry`` ``(H, W, C)`` with ``kernel``
     (the hyper-Laplacian one with ``weight``, by default the one `restoration_weight`
     chooses, refined by `deconv.pnp_refine` when ``restoration.pnp_iterations > 0``;
-    ``lossy``: the photo was JPEG-compressed)."""
+    ``lossy``: the photo was JPEG-compressed; ``noise``: the photo's σ from
+    `restoration_weight`, when the caller has it already)."""
     if settings.restorer == "dip":
         if mcem_config is None:
             raise ValueError("restorer 'dip' needs the MCEM config (mcem_config)")
@@ -274,13 +276,14 @@ def restore(blurry: np.ndarray, kernel: np.ndarray, settings: PhotoSettings,
         result = mcem.deblur(jnp.asarray(blurry), config, known_kernels=np.asarray(kernel))
         return (np.clip(np.asarray(result.image), 0, 1),
                 np.asarray(result.uncertainty))
+    sigma = noise
     if weight is None:
-        weight, _ = restoration_weight(blurry, settings, lossy=lossy)
+        weight, sigma = restoration_weight(blurry, settings, lossy=lossy)
     restored = _restore_sparse(blurry, kernel, settings, weight)
     r = settings.restoration
     if r.pnp_iterations:
-        sigma = float(np.mean(np.asarray(deconv.estimate_noise(
-            jnp.asarray(blurry, jnp.float32)))))
+        if sigma is None:
+            _, sigma = restoration_weight(blurry, settings, lossy=lossy)
         restored = np.clip(np.asarray(deconv.pnp_refine(
             jnp.asarray(blurry, jnp.float32), jnp.asarray(kernel, jnp.float32),
             jnp.asarray(restored), noise=sigma, sigma_start=max(r.pnp_sigma_start, sigma),
@@ -466,7 +469,7 @@ def deblur_uniform(image: np.ndarray, settings: PhotoSettings, *,
                  f"{kernel.shape[0]}x{kernel.shape[0]} kernel "
                  f"({settings.restorer})", (before_field + polish_work) / total, True)
     restored, uncertainty = restore(image, kernel, settings, mcem_config=mcem_config,
-                                    weight=weight)
+                                    weight=weight, noise=sigma)
     return PhotoResult(restored, kernel, crop, size, uncertainty, chosen=chosen,
                        scores=tuple(scores), noise=sigma,
                        weight=weight if settings.restorer == "hyper_laplacian" else None)
