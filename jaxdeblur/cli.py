@@ -25,6 +25,7 @@ and no existing file is replaced without ``--overwrite``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -247,7 +248,8 @@ def make_runner(args):
     mcem_config = configs.load("mcem") if settings.restorer == "dip" else None
     return photo.PhotoDeblurrer(settings, mcem_config=mcem_config,
                                 progress=lambda line: print(f"{PROG}: {line}",
-                                                            file=sys.stderr, flush=True))
+                                                            file=sys.stderr, flush=True),
+                                stop_requested=_STOP.requested)
 
 
 # ------------------------------------------------------------------------------------------
@@ -277,10 +279,12 @@ def _run_photo(runner, image: np.ndarray, *, linear: bool, key, **options):
 
 def _reported(run, *args, **kwargs):
     """``run(*args, **kwargs)``, a ValueError (a config that does not fit the photo)
-    reported as a CLIError."""
+    reported as a CLIError (or, once a stop was asked for, as the interruption it is)."""
     try:
         return run(*args, **kwargs)
     except ValueError as err:
+        if _STOP.requested():
+            raise KeyboardInterrupt from err
         raise CLIError(str(err)) from err
 
 
@@ -336,8 +340,9 @@ def cmd_deblur(args) -> int:
             lossy = ({"lossy": info.format in io.LOSSY_FORMATS}
                      if isinstance(runner, photo.PhotoDeblurrer) else {})
             try:
-                result = _run_photo(runner, image, linear=args.linear, key=key,
-                                    state_file=state_file, **lossy)
+                with _STOP.deferred():
+                    result = _run_photo(runner, image, linear=args.linear, key=key,
+                                        state_file=state_file, **lossy)
             except KeyboardInterrupt:
                 if state_file.exists():
                     print(f"{PROG}: interrupted; {path}'s progress is saved in {state_file}: "
@@ -370,6 +375,8 @@ def cmd_deblur(args) -> int:
             state_file.unlink(missing_ok=True)
         print(f"{path} -> {plan['image']} ({time.perf_counter() - start:.1f} s)",
               file=sys.stderr)
+        if _STOP.requested():
+            raise KeyboardInterrupt
     return 0
 
 
@@ -683,19 +690,58 @@ def select_device(device: str | None) -> None:
         raise CLIError(f"--device {device} is not available here: {err}") from err
 
 
-def _terminate(signum, frame):
-    """SIGTERM handled like Ctrl-C: the run stops where it stands, its state saved."""
-    del signum, frame
-    raise KeyboardInterrupt
+class _StopSignals:
+    """Ctrl-C and SIGTERM: ``KeyboardInterrupt`` at once, except within `deferred`.
+
+    A handler's exception surfaces wherever the interpreter is, and inside JAX's C++
+    code (a pytree comparison, a dispatch) it arrives wrapped as some other error. So while
+    a resumable run is `deferred` the first signal only sets a flag, which the run asks
+    for before each iteration (`requested`) and then stops there with its state saved; a
+    second signal stops at once. A run that ends before it asks again is finished and
+    written, and the command stops before the next photo.
+    """
+
+    def __init__(self):
+        self._deferring = False
+        self._flag = False
+
+    def requested(self) -> bool:
+        return self._flag
+
+    def handle(self, signum, frame):
+        del frame
+        if self._deferring and not self._flag:
+            self._flag = True
+            print(f"\n{PROG}: {signal.Signals(signum).name}: stopping after this iteration "
+                  "(its progress is saved); send it again to stop at once",
+                  file=sys.stderr, flush=True)
+            return
+        raise KeyboardInterrupt
+
+    def reset(self) -> None:
+        self._deferring = self._flag = False
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+
+
+_STOP = _StopSignals()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    previous = None
+    previous = {}
+    _STOP.reset()
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        previous = {signum: signal.signal(signum, _STOP.handle)
+                    for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         select_device(args.device)
         if args.method == "none" and args.checkpoint:
@@ -708,8 +754,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -593,14 +593,20 @@ class PhotoDeblurrer:
     every pyramid level (and every ``progress_every`` seconds within one) with the elapsed
     time and an estimate of the time left (work counted in pixels per level). With a
     ``state_file`` the kernel estimate is saved after every alternation and a later call on
-    the same photo with the same settings goes on from it.
+    the same photo with the same settings goes on from it. ``stop_requested()``, asked
+    before every iteration, stops the run there with ``KeyboardInterrupt`` when it says
+    so: a caller whose signal handlers only set a flag gets a stop between two jitted
+    steps (a ``KeyboardInterrupt`` raised by a handler inside JAX's C++ code would arrive
+    as some other error).
     """
 
     def __init__(self, settings: PhotoSettings, *, mcem_config: Any = None,
                  progress: Optional[Callable[[str], None]] = None,
-                 progress_every: float = 10.0):
+                 progress_every: float = 10.0,
+                 stop_requested: Optional[Callable[[], bool]] = None):
         self.settings, self.mcem_config, self.progress = settings, mcem_config, progress
         self.progress_every = progress_every
+        self.stop_requested = stop_requested
 
     def deblur(self, image: np.ndarray, *, key=None,
                state_file: Optional[pathlib.Path] = None, lossy: bool = False) -> dict:
@@ -609,6 +615,8 @@ class PhotoDeblurrer:
         last = [-math.inf]
 
         def report(line: str, fraction: float, milestone: bool):
+            if self.stop_requested is not None and self.stop_requested():
+                raise KeyboardInterrupt
             if self.progress is None:
                 return
             now = time.perf_counter()

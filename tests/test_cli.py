@@ -516,3 +516,22 @@ def test_mcem_command_resumes_after_sigterm(tmp_path):
     third = run_cli(*args, "-o", out, timeout=600)
     assert third.returncode == 0 and "finished by an earlier run; skipped" in third.stderr, \
         third.stderr
+
+
+def test_stop_signals_are_deferred_only_within_a_resumable_run():
+    """Outside a resumable run a signal stops at once; inside, the first only asks the run
+    to stop before its next iteration (a KeyboardInterrupt raised inside JAX's C++ code
+    would reach the command as another error), and a second stops at once."""
+    import signal
+    stop = cli._StopSignals()
+    with pytest.raises(KeyboardInterrupt):
+        stop.handle(signal.SIGTERM, None)
+    assert not stop.requested()
+    with stop.deferred():
+        stop.handle(signal.SIGTERM, None)
+        assert stop.requested()
+        with pytest.raises(KeyboardInterrupt):
+            stop.handle(signal.SIGINT, None)
+    assert stop.requested()
+    stop.reset()
+    assert not stop.requested()
