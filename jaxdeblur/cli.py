@@ -698,7 +698,8 @@ class _StopSignals:
     a resumable run is `deferred` the first signal only sets a flag, which the run asks
     for before each iteration (`requested`) and then stops there with its state saved; a
     second signal stops at once. A run that ends before it asks again is finished and
-    written, and the command stops before the next photo.
+    written, and the command stops before the next photo. Either way the flag stays set,
+    so that an error that a signal caused is reported as the interruption it is.
     """
 
     def __init__(self):
@@ -710,8 +711,8 @@ class _StopSignals:
 
     def handle(self, signum, frame):
         del frame
-        if self._deferring and not self._flag:
-            self._flag = True
+        first, self._flag = not self._flag, True
+        if self._deferring and first:
             print(f"\n{PROG}: {signal.Signals(signum).name}: stopping after this iteration "
                   "(its progress is saved); send it again to stop at once",
                   file=sys.stderr, flush=True)
