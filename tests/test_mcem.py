@@ -341,22 +341,17 @@ def _recovery_figures(result, blurry, sharp, truth):
     return psnr(blurry), psnr(result.image), cosine, cosine_flat
 
 
-def test_recovers_a_uniform_motion_blur_at_one_level_and_coarse_to_fine():
-    """Blind recovery of `_line_recovery`'s blur, the paper's single level then two levels.
+def test_recovers_a_uniform_motion_blur():
+    """Blind recovery of `_line_recovery`'s blur, the paper's single level, 250 iterations.
 
-    One level, 250 iterations. Measured: 18.98 dB blurry, 21.95 dB after 250 iterations,
-    kernel cosine 0.940 (flat kernel 0.29), 184 s alone on the 2-core machine; 400
-    iterations gave 21.96 dB, cosine 0.843.
-
-    Two levels: the blur solved at half size (32², 9x9 kernels) for 200 iterations, then
-    200 at full size from there (image network carried, kernel network refitted to the
-    upsampled kernel). Measured: kernel cosine 0.864, 18.98 -> 20.75 dB (the posterior mean
-    sharpens more slowly than the kernel is found: 200 full-size iterations; the 128²
-    benchmark in the README runs 450).
-
-    One test, not two: the full-size level compiles the same steps as the single-level run
-    (the levels are a run field, `mcem.RunHParams`), so in one process it reuses them —
-    the unrolled 64² chain's compilation is most of each run's time.
+    Measured: 18.98 dB blurry, 21.95 dB after 250 iterations, kernel cosine 0.940 (flat
+    kernel 0.29), 184 s alone on the 2-core machine; 400 iterations gave 21.96 dB, cosine
+    0.843. The coarse-to-fine schedule's recovery (two levels, 200 iterations each: cosine
+    0.877, 18.98 -> 20.87 dB, when it ran here) is measured by the README's coarse-to-fine
+    benchmark (``python benchmarks/mcem.py --recovery uniform --size 128 --iterations 450
+    --set "levels=((0.5, 600),)"``), not here: its second chain (32², compiled again)
+    cost the suite 300 s or more on CI's machine. `test_deblur_result_shapes_and_ranges`
+    checks the schedule's mechanics.
     """
     blurry, sharp, truth, c = _line_recovery(em_iterations=250, warmup_iterations=250,
                                              log_every=250)
@@ -368,27 +363,30 @@ def test_recovers_a_uniform_motion_blur_at_one_level_and_coarse_to_fine():
     assert cosine_flat < 0.4
     assert np.all(np.abs(mcem.kernel_centroid(jnp.asarray(result.kernels))) < 1.0)
 
-    blurry, sharp, truth, c = _line_recovery(levels=((0.5, 200),), em_iterations=200,
-                                             warmup_iterations=200, log_every=100)
-    seen = []
-    result = mcem.deblur(blurry, c, key=jax.random.key(0),
-                         level_callback=lambda *args: seen.append(args))
-    assert seen == [(0, 1, 100, 200), (0, 1, 200, 200)]
-    before, after, cosine, _ = _recovery_figures(result, blurry, sharp, truth)
-    assert cosine > 0.8
-    assert after > before + 1.0
-    assert np.all(np.abs(mcem.kernel_centroid(jnp.asarray(result.kernels))) < 1.0)
-
 
 def test_deblur_result_shapes_and_ranges():
+    """One level, then the same run after a coarser level (the full-size level reuses the
+    first run's compiled steps: levels are a run field)."""
     blurry = _blurry_batch(1, size=20)[0]
-    r = mcem.deblur(blurry, _config(em_iterations=3, warmup_iterations=1, e_step_chunk="2",
-                                    m_step_chunk="1"), key=jax.random.key(0))
+    c = _config(em_iterations=3, warmup_iterations=1, e_step_chunk="2", m_step_chunk="1")
+    r = mcem.deblur(blurry, c, key=jax.random.key(0))
     assert r.image.shape == (20, 20, 1) and r.uncertainty.shape == (20, 20, 1)
     assert r.kernels.shape == (4, 5, 5) and r.grid == (2, 2)
     assert np.all(r.image > 0) and np.all(r.image < 1) and np.all(r.uncertainty >= 0)
     np.testing.assert_allclose(r.kernels.sum(axis=(1, 2)), 1.0, atol=1e-5)
     assert [it for it, _ in r.history] == [1, 2, 3] and np.isfinite(r.data_fit)
+
+    c.levels = ((0.5, 2),)
+    c.log_every = 1
+    seen = []
+    coarse = mcem.deblur(blurry, c, key=jax.random.key(0),
+                         level_callback=lambda *args: seen.append(args))
+    assert seen == [(0, 1, 1, 2), (0, 1, 2, 2)]
+    assert coarse.image.shape == (20, 20, 1) and coarse.kernels.shape == (4, 5, 5)
+    np.testing.assert_allclose(coarse.kernels.sum(axis=(1, 2)), 1.0, atol=1e-5)
+    assert np.all(np.isfinite(coarse.image)) and np.isfinite(coarse.data_fit)
+    # the full-size level starts from the coarse level's estimate, not from the first run's
+    assert not np.allclose(coarse.kernels, r.kernels, atol=1e-4)
 
 
 def test_compiled_steps_are_keyed_by_method_not_run():
