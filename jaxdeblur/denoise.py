@@ -11,9 +11,12 @@ busy ones. This is the first stage of BM3D without the block matching (Dabov et 
 2007) — the sliding-window DCT denoiser of Yaroslavsky and Foi et al. — here as the prior
 step of plug-and-play deconvolution (`deconv.pnp_refine`).
 
-Analysis and synthesis are one convolution each with the `patch²` DCT basis images
-(`dct_filters`), so memory is `patch²` floats per pixel (64 for 8 × 8 windows: 200 MB for
-one 1024 × 768 channel), linear in the image.
+The analysis is one convolution with the `patch²` DCT basis images (`dct_filters`); the
+synthesis, its adjoint, is separable: inverse 1-D DCTs along each window's columns and
+rows (two small matrix products) and `2 · patch` periodic shifts that put the window's
+pixels back. On the 2-core CPU, for a 255² channel: 12 ms, where the convolution with the
+flipped basis images (64 channels in, one out) took 602 ms. Memory is `patch²` floats per
+pixel (64 for 8 × 8 windows: 200 MB for one 1024 × 768 channel), linear in the image.
 
 References:
   K. Dabov, A. Foi, V. Katkovnik, K. Egiazarian, "Image denoising by sparse 3-D
@@ -34,17 +37,23 @@ import numpy as np
 from jaxdeblur import blur
 
 
+def _dct_matrix(patch: int) -> np.ndarray:
+    """(patch, patch): row u is the u-th orthonormal 1-D DCT-II vector ``c_u``."""
+    if int(patch) != patch or patch < 2:
+        raise ValueError(f"patch must be an int >= 2; got {patch!r}.")
+    i = np.arange(patch)
+    c = np.sqrt(2.0 / patch) * np.cos(np.pi * (2 * i[None, :] + 1) * i[:, None] / (2 * patch))
+    c[0] /= np.sqrt(2.0)
+    return c
+
+
 def dct_filters(patch: int) -> np.ndarray:
     """The orthonormal 2-D DCT-II basis as convolution filters: (patch, patch, 1, patch²).
 
     Filter ``u · patch + v`` holds ``c_u[i] c_v[j]`` with ``c_u`` the u-th orthonormal 1-D
     DCT-II vector; filter 0 is the constant (DC) window.
     """
-    if int(patch) != patch or patch < 2:
-        raise ValueError(f"patch must be an int >= 2; got {patch!r}.")
-    i = np.arange(patch)
-    c = np.sqrt(2.0 / patch) * np.cos(np.pi * (2 * i[None, :] + 1) * i[:, None] / (2 * patch))
-    c[0] /= np.sqrt(2.0)
+    c = _dct_matrix(patch)
     return np.einsum("ui,vj->ijuv", c, c).reshape(patch, patch, 1, patch * patch).astype(
         np.float32)
 
@@ -59,13 +68,17 @@ def _analysis(x, filters, patch):
                                         dimension_numbers=_DIMENSIONS)[0]
 
 
-def _synthesis(coefficients, filters, patch):
+def _synthesis(coefficients, patch):
     """The adjoint of `_analysis`: every window's inverse DCT added back where it came
-    from, (H, W, patch²) -> (H, W)."""
-    padded = jnp.pad(coefficients, ((patch - 1, 0), (patch - 1, 0), (0, 0)), mode="wrap")
-    flipped = jnp.flip(filters, (0, 1)).transpose(0, 1, 3, 2)
-    return jax.lax.conv_general_dilated(padded[None], flipped, (1, 1), "VALID",
-                                        dimension_numbers=_DIMENSIONS)[0, :, :, 0]
+    from, (H, W, patch²) -> (H, W); separable (the module docstring)."""
+    c = jnp.asarray(_dct_matrix(patch), coefficients.dtype)
+    h, w = coefficients.shape[:2]
+    # window (p, u, v) -> (p, u, j): the inverse DCT along the window's columns
+    by_column = jnp.einsum("hwuv,vj->hwuj", coefficients.reshape(h, w, patch, patch), c)
+    # column j of the window at p lands on column p + j
+    rows = sum(jnp.roll(by_column[..., j], j, axis=1) for j in range(patch))
+    by_row = rows @ c  # (p_row, column, u) -> (p_row, column, i)
+    return sum(jnp.roll(by_row[..., i], i, axis=0) for i in range(patch))
 
 
 def _coverage(weights, patch):
@@ -74,9 +87,8 @@ def _coverage(weights, patch):
     return jax.lax.reduce_window(padded, 0.0, jax.lax.add, (patch, patch), (1, 1), "VALID")
 
 
-def _aggregate(coefficients, weights, filters, patch):
-    return (_synthesis(coefficients * weights[..., None], filters, patch)
-            / _coverage(weights, patch))
+def _aggregate(coefficients, weights, patch):
+    return _synthesis(coefficients * weights[..., None], patch) / _coverage(weights, patch)
 
 
 def _denoise_channel(x, sigma, filters, patch: int, threshold: float):
@@ -84,12 +96,11 @@ def _denoise_channel(x, sigma, filters, patch: int, threshold: float):
     is_dc = jnp.arange(patch * patch) == 0
     keep = (jnp.abs(coefficients) > threshold * sigma) | is_dc
     pilot = _aggregate(jnp.where(keep, coefficients, 0.0),
-                       1.0 / jnp.sum(keep, axis=-1).astype(x.dtype), filters, patch)
+                       1.0 / jnp.sum(keep, axis=-1).astype(x.dtype), patch)
     power = jnp.square(_analysis(pilot, filters, patch))
     gain = jnp.where(is_dc, 1.0, power / (power + jnp.square(sigma)))
     # The gains' energy is >= 1 (the DC's), so the weights are bounded.
-    return _aggregate(coefficients * gain, 1.0 / jnp.sum(jnp.square(gain), axis=-1),
-                      filters, patch)
+    return _aggregate(coefficients * gain, 1.0 / jnp.sum(jnp.square(gain), axis=-1), patch)
 
 
 @functools.partial(jax.jit, static_argnames=("patch", "threshold"))
