@@ -17,6 +17,7 @@ alone writes the metric log.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sys
@@ -176,13 +177,20 @@ def train_loop(
             print(f"checkpoint saved: {name} step {step}", flush=True)
 
     step = start
+    first_batch = None
     try:
+        if step < num_steps and jax.process_count() > 1:
+            first_batch = None if next_batch is None else next_batch()
+            _compile_together(step_fn, (state,) if next_batch is None else (state, first_batch),
+                              name)
         while step < num_steps and not _stop_agreed(stop, step % log_every == 0
                                                      or step == start):
             if next_batch is None:
                 state, output = step_fn(state)
             else:
-                state, output = step_fn(state, next_batch())
+                batch, first_batch = (first_batch if first_batch is not None
+                                      else next_batch()), None
+                state, output = step_fn(state, batch)
             step += 1
             bar.update(1)
             if step % log_every == 0 or (log_first_step and step == 1):
@@ -211,6 +219,33 @@ def train_loop(
             _leave_distributed()
         signal.raise_signal(stop[0])
     return state
+
+
+#: How long a process waits for the others to compile a loop's step (`_compile_together`).
+COMPILE_BARRIER_TIMEOUT_S = 3600
+_barriers = itertools.count()
+
+
+def _compile_together(step_fn: Callable[..., Any], args: tuple, name: str) -> None:
+    """Several processes: compiles ``step_fn`` for ``args`` before its first call and waits
+    until every process has, so that they all enter its first collective together.
+
+    The CPU's gloo collectives give the processes 30 s to meet in a new collective's
+    context. A process that compiles the step while another loads it from the
+    compilation cache (a restart) can be later than that on a loaded machine: a 2-process
+    restart failed so ("Gloo context initialization failed: GetKeyValue() timed out").
+    The wait is the coordination service's barrier, which has no such limit. The call
+    after it reuses the compiled step. A step without ``lower`` (not jitted) is left as is.
+    """
+    if not hasattr(step_fn, "lower"):
+        return
+    step_fn.lower(*args).compile()
+    from jax._src import distributed  # the coordination client: no public barrier
+
+    client = getattr(distributed.global_state, "client", None)
+    if client is not None:
+        client.wait_at_barrier(f"jaxdeblur train_loop {next(_barriers)} {name} compiled",
+                               COMPILE_BARRIER_TIMEOUT_S * 1000)
 
 
 def _leave_distributed() -> None:
