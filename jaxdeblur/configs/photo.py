@@ -214,6 +214,9 @@ def get_config() -> ml_collections.ConfigDict:
     #     chelsea's fur under the estimates' errors loses 0.6 / 1.4 / 1.5 dB (k1 / k2 / k3;
     #     at 0.23 1.2 / 2.5 / 2.6) — a lighter prior rings with a wrong kernel, a heavier
     #     one (1, 2) flattens the rest.
+    # Through the pipeline (`python benchmarks/real_data.py --standin --set
+    # restoration.pnp_iterations=12`, 2026-12-01) the first 14 of the 16 images gave the
+    # offline figures at λ 0.5 to 0.01 dB (the run was stopped before chelsea k3 / k4).
     # Off until it is measured on Lai's set and the real photos (JPEG blocks, which the
     # white-noise estimate does not see): `python benchmarks/real_data.py --lai
     # ../shared/data/lai --set restoration.pnp_iterations=12` and `benchmarks/real_photos.py`
