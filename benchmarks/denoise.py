@@ -2,7 +2,7 @@
 
     python benchmarks/denoise.py
 
-Rows (once compiled, best of 3 calls):
+Rows (once compiled, the mean of 3 calls):
 
 * the sliding-window DCT's synthesis (the adjoint of the analysis, called twice per
   denoise): ours, separable (`denoise._synthesis`), against the direct form it replaced,
@@ -12,15 +12,14 @@ Rows (once compiled, best of 3 calls):
   ``restoration.pnp_*``, 12 iterations) on a 255² gray image blurred by a 15 px line.
 
 Measured on the 2-core CPU (2026-12-01, nothing else running): synthesis 5 ms against
-385 ms at 255², 110 ms against 3,779 ms at 1024×768; `dct_denoise` 50 ms and 540 ms; the
-refinement 0.74 s, where the same call with the direct synthesis took 13.0 s.
+432 ms at 255², 140 ms against 4,938 ms at 1024×768; `dct_denoise` 64 ms and 699 ms; the
+refinement 0.83 s, where the same call with the direct synthesis took 13.0 s.
 """
 
 from __future__ import annotations
 
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,21 +27,14 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from jaxdeblur import blur, configs, deconv, denoise, kernels  # noqa: E402
+from ufpnet_step import mean_time  # noqa: E402
+
+REPEATS = 3
 
 SIZES = ((255, 255), (768, 1024))
-
-
-def best_of(fn, *args, repeats: int = 3) -> float:
-    """Seconds of the fastest of ``repeats`` calls after one warm-up (compilation) call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def direct_synthesis(coefficients, filters, patch):
@@ -66,12 +58,12 @@ def main() -> None:
     for h, w in SIZES:
         coefficients = jax.random.normal(jax.random.key(0), (h, w, patch * patch))
         np.testing.assert_allclose(ours(coefficients), reference(coefficients), atol=1e-3)
-        print(f"| DCT synthesis | {w}×{h} | {best_of(ours, coefficients) * 1e3:.0f} ms | "
-              f"{best_of(reference, coefficients) * 1e3:.0f} ms |", flush=True)
+        print(f"| DCT synthesis | {w}×{h} | {mean_time(ours, coefficients, repeats=REPEATS) * 1e3:.0f} ms | "
+              f"{mean_time(reference, coefficients, repeats=REPEATS) * 1e3:.0f} ms |", flush=True)
     for h, w in SIZES:
         image = jax.random.uniform(jax.random.key(1), (h, w, 1))
-        seconds = best_of(lambda x: denoise.dct_denoise(
-            x, 0.02, patch=patch, threshold=settings.pnp_threshold), image)
+        seconds = mean_time(lambda x: denoise.dct_denoise(
+            x, 0.02, patch=patch, threshold=settings.pnp_threshold), image, repeats=REPEATS)
         print(f"| dct_denoise, 1 channel | {w}×{h} | {seconds * 1e3:.0f} ms | |", flush=True)
 
     import skimage.data
@@ -91,7 +83,7 @@ def main() -> None:
                                  lam=settings.pnp_lambda, iterations=12, patch=patch,
                                  threshold=settings.pnp_threshold)
 
-    seconds = best_of(refine, jnp.asarray(blurry))
+    seconds = mean_time(refine, jnp.asarray(blurry), repeats=REPEATS)
     print(f"| pnp_refine, 12 iterations | 255×255 | {seconds:.2f} s | 13.0 s (before the "
           "separable synthesis, same machine) |")
 

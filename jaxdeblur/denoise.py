@@ -15,7 +15,7 @@ The analysis is one convolution with the `patch²` DCT basis images (`dct_filter
 synthesis, its adjoint, is separable: inverse 1-D DCTs along each window's columns and
 rows (two small matrix products) and `2 · patch` periodic shifts that put the window's
 pixels back. On the 2-core CPU, for a 255² channel: 5 ms, where the convolution with the
-flipped basis images (64 channels in, one out) takes 385 ms (`benchmarks/denoise.py`). Memory is `patch²` floats per
+flipped basis images (64 channels in, one out) takes 432 ms (`benchmarks/denoise.py`). Memory is `patch²` floats per
 pixel (64 for 8 × 8 windows: 200 MB for one 1024 × 768 channel), linear in the image.
 
 References:

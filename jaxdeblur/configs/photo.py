@@ -204,7 +204,7 @@ def get_config() -> ml_collections.ConfigDict:
     # denoiser of `jaxdeblur.denoise`), started from the hyper-Laplacian one; 0 = off.
     # (measured, stand-in, σ 0.005, offline on the shipped pipeline's cached estimates and
     # on the true kernels; 12 iterations, σ from 0.03 down to the noise, 8×8 windows,
-    # threshold 2.7; on the 2-core CPU 0.74 s per 255² gray image once compiled, 13.0 s
+    # threshold 2.7; on the 2-core CPU 0.83 s per 255² gray image once compiled, 13.0 s
     # before the denoiser's synthesis was made separable: `python benchmarks/denoise.py`):
     #   true kernels: 31.97 -> 32.67 dB at λ 0.23 (DPIR's), 14 of 16 gain (up to +1.6 dB,
     #     astronaut k2), astronaut k4 -0.26; from the blurry image instead of the
